@@ -1,0 +1,26 @@
+"""Fisher information matrices of JAX networks as lineax linear operators."""
+
+from ._functional import (
+    create_empirical_fisher_mv as create_empirical_fisher_mv,
+)
+from ._functional import (
+    create_empirical_fisher_mv_without_data as create_empirical_fisher_mv_without_data,
+)
+from ._functional import (
+    create_MC_fisher_mv as create_MC_fisher_mv,
+)
+from ._functional import (
+    create_MC_fisher_mv_without_data as create_MC_fisher_mv_without_data,
+)
+from ._likelihoods import AbstractLikelihood as AbstractLikelihood
+from ._likelihoods import Likelihood as Likelihood
+from ._models import from_equinox as from_equinox
+from ._operators import AbstractCurvatureOperator as AbstractCurvatureOperator
+from ._operators import EmpiricalFisherOperator as EmpiricalFisherOperator
+from ._operators import GGNOperator as GGNOperator
+from ._operators import LinearisedCurvatureOperator as LinearisedCurvatureOperator
+from ._operators import MCFisherOperator as MCFisherOperator
+from ._priors import PriorPrecision as PriorPrecision
+from ._priors import scale as scale
+
+__version__ = "0.1.0"

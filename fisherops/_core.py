@@ -1,0 +1,137 @@
+"""The one piece of maths every curvature operator shares.
+
+    C v = factor * sum_n J_n^T B_n B_n^T J_n v
+
+`J_n` is the Jacobian of the network output for datum `n` with respect to the
+params, `B_n` an `(O, K)` factor from the likelihood. Everything here works on a
+*batch* of data at once: one linearised forward pass (`jvp`) and one transpose
+(`vjp`) over the whole batch, never per-datum pairs. Chunking splits the data
+into equal slices processed by `lax.scan`, so memory is bounded by the chunk.
+"""
+
+import functools as ft
+from collections.abc import Callable
+
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+# A function `(outputs (n, *O), targets, indices (n,)) -> B (n, O, K)`.
+FactorFn = Callable[[Array, PyTree, Int[Array, " n"]], Float[Array, "n O K"]]
+
+
+def batched_model(model_fn: Callable, vmap_over_data: bool) -> Callable:
+    """`(inputs (n, ...), params) -> outputs (n, *O)` from the user's `model_fn`."""
+    if vmap_over_data:
+        return jax.vmap(model_fn, in_axes=(0, None))
+    return model_fn
+
+
+def bbt(factors: Float[Array, "n O K"], tangents: Array) -> Array:
+    """`B_n B_n^T t_n` for every datum `n`; `tangents` is shaped `(n, *O)`."""
+    flat = tangents.reshape(factors.shape[:2])
+    coefficients = jnp.einsum("no,nok->nk", flat, factors)
+    return jnp.einsum("nok,nk->no", factors, coefficients).reshape(tangents.shape)
+
+
+def linearised_mv(jvp_fn, params: PyTree, factors: Array, vector: PyTree) -> PyTree:
+    """`sum_n J_n^T B_n B_n^T J_n v` from a linearised batched model."""
+    (result,) = jax.linear_transpose(jvp_fn, params)(bbt(factors, jvp_fn(vector)))
+    return result
+
+
+def batch_mv(
+    model: Callable,
+    params: PyTree,
+    inputs: PyTree,
+    factors: Callable[[Array], Float[Array, "n O K"]],
+    vector: PyTree,
+) -> PyTree:
+    """One forward pass, one `jvp`, one `vjp` over a batch.
+
+    `factors(outputs)` gives `B_n` from the batch's outputs `(n, *O)`.
+    """
+    outputs, jvp_fn = jax.linearize(lambda p: model(inputs, p), params)
+    return linearised_mv(jvp_fn, params, factors(outputs), vector)
+
+
+def per_datum_gradients(
+    model_fn: Callable,
+    vmap_over_data: bool,
+    params: PyTree,
+    inputs: PyTree,
+    targets: PyTree,
+    indices: Int[Array, " n"],
+    factor_fn: FactorFn,
+) -> Float[Array, "n K P"]:
+    """The rows `B_n^T J_n` (flattened params), one `(K, P)` block per datum.
+
+    One forward pass per datum (vmapped), then `K` `vjp`s (vmapped).
+    """
+    flat, unravel = jfu.ravel_pytree(params)
+    batch_of_one = ft.partial(jtu.tree_map, lambda leaf: leaf[None])
+    if vmap_over_data:
+        single = model_fn
+    else:
+
+        def single(x, p):
+            return model_fn(batch_of_one(x), p)[0]
+
+    def one(x, y, index):
+        output, vjp_fn = jax.vjp(lambda f: single(x, unravel(f)), flat)
+        b = factor_fn(output[None], batch_of_one(y), index[None])[0]
+        cotangents = b.T.reshape((b.shape[1], *output.shape))
+        (rows,) = jax.vmap(vjp_fn)(cotangents)
+        return rows
+
+    return jax.vmap(one)(inputs, targets, indices)
+
+
+def num_chunks(num_data: int, chunk_size: int | None) -> int:
+    if chunk_size is None or chunk_size >= num_data:
+        return 1
+    return -(-num_data // chunk_size)
+
+
+def chunk(
+    data: PyTree, num_data: int, chunk_size: int | None, index: Int[Array, ""]
+) -> tuple[PyTree, Int[Array, " c"], Bool[Array, " c"]]:
+    """Slice `index` of the data in chunks of `chunk_size`, without copying or padding.
+
+    The last chunk is shifted back to end at `num_data`, and the points it shares
+    with the previous chunk get weight zero. Returns the sliced data, the global
+    indices of its points and their weights (1 or 0).
+    """
+    if num_chunks(num_data, chunk_size) == 1:
+        return data, jnp.arange(num_data), jnp.ones(num_data, dtype=bool)
+    start = jnp.minimum(index * chunk_size, num_data - chunk_size)
+    sliced = jtu.tree_map(
+        lambda leaf: lax.dynamic_slice_in_dim(leaf, start, chunk_size), data
+    )
+    indices = start + jnp.arange(chunk_size)
+    return sliced, indices, indices >= index * chunk_size
+
+
+def chunked_sum(
+    fn: Callable[[PyTree, Int[Array, " c"], Bool[Array, " c"]], PyTree],
+    data: PyTree,
+    num_data: int,
+    chunk_size: int | None,
+) -> PyTree:
+    """`sum_chunks fn(chunk_data, indices, weights)` with a `lax.scan` over chunks."""
+    count = num_chunks(num_data, chunk_size)
+    if count == 1:
+        return fn(*chunk(data, num_data, chunk_size, jnp.asarray(0)))
+
+    first = jax.eval_shape(fn, *chunk(data, num_data, chunk_size, jnp.asarray(0)))
+
+    def body(total, index):
+        term = fn(*chunk(data, num_data, chunk_size, index))
+        return jtu.tree_map(jnp.add, total, term), None
+
+    zeros = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+    total, _ = lax.scan(body, zeros, jnp.arange(count))
+    return total

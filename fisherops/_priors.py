@@ -1,0 +1,165 @@
+"""Gaussian priors as lineax operators, and PSD-preserving scaling."""
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PyTree
+
+
+def _is_scalar(x) -> bool:
+    return eqx.is_array_like(x) and jnp.ndim(x) == 0
+
+
+def _broadcast_precision(params: PyTree, precision) -> PyTree:
+    if _is_scalar(precision):
+        return jtu.tree_map(lambda p: jnp.asarray(precision, p.dtype), params)
+    try:
+        return jtu.tree_map(
+            lambda p, x: _leaf_precision(p, x), params, precision, is_leaf=_is_scalar
+        )
+    except ValueError as error:
+        if "precision" in str(error):
+            raise
+        raise ValueError(
+            "precision must be a scalar, a pytree of scalars with the structure of "
+            "params, or a params-shaped pytree of arrays; got structure "
+            f"{jtu.tree_structure(precision)} for params "
+            f"{jtu.tree_structure(params)}."
+        ) from None
+
+
+def _leaf_precision(param, value):
+    value = jnp.asarray(value, param.dtype)
+    if value.shape not in ((), param.shape):
+        raise ValueError(
+            f"precision leaves must be scalars or shaped like params; got shape "
+            f"{value.shape} for a params leaf of shape {param.shape}."
+        )
+    return value
+
+
+class PriorPrecision(lx.AbstractLinearOperator):
+    r"""The precision of a zero-mean Gaussian prior `N(0, Λ^{-1})` on the params.
+
+    `Λ` is diagonal: `precision` is a scalar (isotropic, `Λ = λ I`), a pytree of
+    scalars with the structure of `params` (one `λ` per leaf, "layerwise"), or a
+    params-shaped pytree of arrays (a full diagonal). Precisions must be
+    non-negative.
+
+    Symmetric and positive semidefinite for lineax, so `fisher + prior` and
+    `prior + fisher` go straight into `lineax.CG` and `lineax.Cholesky`.
+
+    **Arguments:**
+
+    - `params`: the params pytree (only its structure, shapes and dtypes are used).
+    - `precision`: as above.
+    """
+
+    precision: PyTree[Float[Array, "..."]]
+    structure: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True)
+
+    def __init__(self, params: PyTree[Float[ArrayLike, "..."]], precision):
+        params = jtu.tree_map(jnp.asarray, params)
+        for leaf in jtu.tree_leaves(params):
+            if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                raise TypeError(
+                    f"params must be a pytree of floating arrays; got {leaf.dtype}."
+                )
+        self.precision = _broadcast_precision(params, precision)
+        self.structure = jtu.tree_map(
+            lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params
+        )
+        for leaf in jtu.tree_leaves(self.precision):
+            if not isinstance(leaf, jax.core.Tracer) and np.any(np.asarray(leaf) < 0):
+                raise ValueError(f"precision must be non-negative; got {leaf}.")
+
+    def full_diagonal(self) -> PyTree[Float[Array, "..."]]:
+        """The diagonal of `Λ` as a params-shaped pytree."""
+        return jtu.tree_map(
+            lambda lam, s: jnp.broadcast_to(lam, s.shape),
+            self.precision,
+            self.structure,
+        )
+
+    def mv(self, vector):
+        return jtu.tree_map(lambda lam, v: lam * v, self.precision, vector)
+
+    def as_matrix(self):
+        return jnp.diag(lx.diagonal(self))
+
+    def transpose(self):
+        return self
+
+    def in_structure(self):
+        return self.structure
+
+    def out_structure(self):
+        return self.structure
+
+
+@lx.diagonal.register(PriorPrecision)
+def _(operator):
+    return jfu.ravel_pytree(operator.full_diagonal())[0]
+
+
+@lx.tridiagonal.register(PriorPrecision)
+def _(operator):
+    diagonal = lx.diagonal(operator)
+    off = jnp.zeros(diagonal.size - 1, diagonal.dtype)
+    return diagonal, off, off
+
+
+@lx.linearise.register(PriorPrecision)
+@lx.materialise.register(PriorPrecision)
+@lx.conj.register(PriorPrecision)
+def _(operator):
+    return operator
+
+
+for _query, _answer in (
+    (lx.is_symmetric, True),
+    (lx.is_positive_semidefinite, True),
+    (lx.is_negative_semidefinite, False),
+    (lx.is_diagonal, True),
+    (lx.is_tridiagonal, True),
+    (lx.has_unit_diagonal, False),
+    (lx.is_lower_triangular, True),
+    (lx.is_upper_triangular, True),
+):
+
+    @_query.register(PriorPrecision)
+    def _(operator, _answer=_answer):
+        return _answer
+
+
+def scale(
+    operator: lx.AbstractLinearOperator, scalar: Float[ArrayLike, ""]
+) -> lx.AbstractLinearOperator:
+    """`scalar * operator`, still symmetric positive semidefinite for lineax.
+
+    lineax drops the PSD property of `scalar * operator` when `scalar` is a JAX
+    value (it cannot see its sign), so CG and Cholesky would refuse it. Use this for
+    a temperature or a noise precision: `fisherops.scale(fisher, 1 / T) + prior`.
+
+    **Arguments:**
+
+    - `operator`: a symmetric PSD operator (a curvature operator, a prior, a sum).
+    - `scalar`: a non-negative scalar (checked when it is a concrete value).
+    """
+    if not lx.is_positive_semidefinite(operator):
+        raise ValueError(
+            "operator must be positive semidefinite for lineax (a fisherops "
+            "operator, a PriorPrecision or a sum of them); got "
+            f"{type(operator).__name__}."
+        )
+    if jnp.ndim(scalar) != 0:
+        raise ValueError(f"scalar must be a scalar; got shape {jnp.shape(scalar)}.")
+    if not isinstance(scalar, jax.core.Tracer) and np.asarray(scalar) < 0:
+        raise ValueError(f"scalar must be non-negative; got {scalar}.")
+    return lx.TaggedLinearOperator(
+        operator * scalar, (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    )
