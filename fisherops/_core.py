@@ -43,6 +43,24 @@ def linearised_mv(jvp_fn, params: PyTree, factors: Array, vector: PyTree) -> PyT
     return result
 
 
+def weighted_outputs(factors: Float[Array, "n O K"], coefficients, shape) -> Array:
+    """`B_n e_n` for every datum, shaped like the outputs."""
+    return jnp.einsum("nok,nk->no", factors, coefficients).reshape(shape)
+
+
+def batch_factor_mv(
+    model: Callable,
+    params: PyTree,
+    inputs: PyTree,
+    factors: Callable[[Array], Float[Array, "n O K"]],
+    coefficients: Float[Array, "n K"],
+) -> PyTree:
+    """`sum_n J_n^T B_n e_n`: one forward pass and one `vjp` over a batch."""
+    outputs, vjp_fn = jax.vjp(lambda p: model(inputs, p), params)
+    (result,) = vjp_fn(weighted_outputs(factors(outputs), coefficients, outputs.shape))
+    return result
+
+
 def batch_mv(
     model: Callable,
     params: PyTree,

@@ -242,6 +242,37 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
         total = _core.chunked_sum(on_chunk, self.data, self.num_data, self.chunk_size)
         return _scale(total, self.factor)
 
+    def factor_mv(
+        self, coefficients: Float[Array, "N K"]
+    ) -> PyTree[Float[Array, "..."]]:
+        """`A e` for the square-root factor `A` of this operator (`A A^T = C`).
+
+        `A = sqrt(factor) [J_1^T B_1, ..., J_N^T B_N]` maps `e` of shape
+        `(N, K)` (see `factor_shape`) to a params-shaped pytree. With `e` standard
+        normal, `A e ~ N(0, C)`: the curvature part of an exact posterior sample.
+        """
+        model = _core.batched_model(self.model_fn, self.vmap_over_data)
+
+        def on_chunk(data, indices, weights):
+            (inputs, targets), chunk_coefficients = data
+
+            def factors(outputs):
+                scaled = self._output_factors(outputs, targets, indices)
+                return scaled * weights[:, None, None].astype(scaled.dtype)
+
+            return _core.batch_factor_mv(
+                model, self.params, inputs, factors, chunk_coefficients
+            )
+
+        total = _core.chunked_sum(
+            on_chunk, (self.data, coefficients), self.num_data, self.chunk_size
+        )
+        return _scale(total, jnp.sqrt(self.factor))
+
+    def factor_shape(self) -> tuple[int, int]:
+        """`(N, K)`: the shape of the coefficients `factor_mv` takes."""
+        return (self.num_data, self._num_columns())
+
     def as_matrix(self) -> Float[Array, "P P"]:
         size = self.in_size()
         if self.num_data * self._num_columns() < size:
@@ -383,6 +414,23 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
                 operator.chunk_size,
             )
         return _scale(total, operator.factor)
+
+    def factor_mv(self, coefficients: Float[Array, "N K"]) -> PyTree:
+        """As `AbstractCurvatureOperator.factor_mv`, with the stored factors."""
+        operator = self.operator
+        if self.jvp_fn is None:
+            return operator.factor_mv(coefficients)
+        (total,) = jax.linear_transpose(self.jvp_fn, operator.params)(
+            _core.weighted_outputs(
+                self.factors,
+                coefficients,
+                jax.eval_shape(self.jvp_fn, operator.params).shape,
+            )
+        )
+        return _scale(total, jnp.sqrt(operator.factor))
+
+    def factor_shape(self) -> tuple[int, int]:
+        return self.factors.shape[0], self.factors.shape[2]
 
     def as_matrix(self):
         return self.operator.as_matrix()
