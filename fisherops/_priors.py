@@ -60,7 +60,8 @@ class PriorPrecision(lx.AbstractLinearOperator):
     """
 
     precision: PyTree[Float[Array, "..."]]
-    structure: PyTree[jax.ShapeDtypeStruct] = eqx.field(static=True)
+    _leaves: tuple[jax.ShapeDtypeStruct, ...] = eqx.field(static=True)
+    _treedef: jtu.PyTreeDef = eqx.field(static=True)
 
     def __init__(self, params: PyTree[Float[ArrayLike, "..."]], precision):
         params = jtu.tree_map(jnp.asarray, params)
@@ -70,9 +71,11 @@ class PriorPrecision(lx.AbstractLinearOperator):
                     f"params must be a pytree of floating arrays; got {leaf.dtype}."
                 )
         self.precision = _broadcast_precision(params, precision)
-        self.structure = jtu.tree_map(
+        structure = jtu.tree_map(
             lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params
         )
+        self._leaves, self._treedef = jtu.tree_flatten(structure)
+        self._leaves = tuple(self._leaves)
         for leaf in jtu.tree_leaves(self.precision):
             if not isinstance(leaf, jax.core.Tracer) and np.any(np.asarray(leaf) < 0):
                 raise ValueError(f"precision must be non-negative; got {leaf}.")
@@ -82,7 +85,7 @@ class PriorPrecision(lx.AbstractLinearOperator):
         return jtu.tree_map(
             lambda lam, s: jnp.broadcast_to(lam, s.shape),
             self.precision,
-            self.structure,
+            self.in_structure(),
         )
 
     def mv(self, vector):
@@ -95,10 +98,10 @@ class PriorPrecision(lx.AbstractLinearOperator):
         return self
 
     def in_structure(self):
-        return self.structure
+        return jtu.tree_unflatten(self._treedef, self._leaves)
 
     def out_structure(self):
-        return self.structure
+        return self.in_structure()
 
 
 @lx.diagonal.register(PriorPrecision)
