@@ -86,7 +86,7 @@ def create_MC_fisher_mv(
     num_curv_samples: Real[Array, ""] | float | None = None,
     num_total_samples: Real[Array, ""] | float | None = None,
     vmap_over_data: bool = True,
-    mc_samples: int = 1,
+    mc_samples: int | None = 1,
     chunk_size: int | None = None,
 ) -> Callable[[Params], Params]:
     r"""`v ↦ factor / M Σ_{n,m} J_n^T g_nm g_nm^T J_n v`, `ỹ_nm ~ r(y | f_n)`.
@@ -115,7 +115,7 @@ def create_MC_fisher_mv_without_data(
     factor: Real[Array, ""] | float,
     *,
     vmap_over_data: bool = True,
-    mc_samples: int = 1,
+    mc_samples: int | None = 1,
     chunk_size: int | None = None,
 ) -> Callable[[Params, Data], Params]:
     r"""`(v, data) ↦ factor / M Σ_{n,m} J_n^T g_nm g_nm^T J_n v` over the batch.

@@ -605,7 +605,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
         num_curv_samples: Real[Array, ""] | float | None = None,
         num_total_samples: Real[Array, ""] | float | None = None,
         vmap_over_data: bool = True,
-        mc_samples: int = 1,
+        mc_samples: int | None = 1,
         chunk_size: int | None = None,
     ):
         if loss_fn is None:
@@ -618,6 +618,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
                 "got a callable loss without a sampler."
             )
         _check_key(key)
+        mc_samples = 1 if mc_samples is None else mc_samples  # laplax allows None
         if (
             isinstance(mc_samples, bool)
             or not isinstance(mc_samples, int | np.integer)
