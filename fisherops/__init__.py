@@ -12,6 +12,9 @@ from ._functional import (
 from ._functional import (
     create_MC_fisher_mv_without_data as create_MC_fisher_mv_without_data,
 )
+from ._laplace import LaplacePosterior as LaplacePosterior
+from ._laplace import optimize_prior_precision as optimize_prior_precision
+from ._laplace import probit as probit
 from ._likelihoods import AbstractLikelihood as AbstractLikelihood
 from ._likelihoods import Likelihood as Likelihood
 from ._models import from_equinox as from_equinox
