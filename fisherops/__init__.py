@@ -26,5 +26,7 @@ from ._operators import LinearisedCurvatureOperator as LinearisedCurvatureOperat
 from ._operators import MCFisherOperator as MCFisherOperator
 from ._priors import PriorPrecision as PriorPrecision
 from ._priors import scale as scale
+from ._sharding import shard_data as shard_data
+from ._streaming import StreamedOperator as StreamedOperator
 
 __version__ = "0.1.0"

@@ -108,29 +108,59 @@ def per_datum_gradients(
     return jax.vmap(one)(inputs, targets, indices)
 
 
+Chunk = tuple[PyTree, Int[Array, " c"], Bool[Array, " c"]]
+
+
 def num_chunks(num_data: int, chunk_size: int | None) -> int:
     if chunk_size is None or chunk_size >= num_data:
         return 1
     return -(-num_data // chunk_size)
 
 
-def chunk(
-    data: PyTree, num_data: int, chunk_size: int | None, index: Int[Array, ""]
-) -> tuple[PyTree, Int[Array, " c"], Bool[Array, " c"]]:
-    """Slice `index` of the data in chunks of `chunk_size`, without copying or padding.
+def chunker(
+    data: PyTree, num_data: int, chunk_size: int | None
+) -> tuple[int, Callable[[Int[Array, ""]], Chunk]]:
+    """Split the data into `count` chunks of `chunk_size` points, without copying.
 
-    The last chunk is shifted back to end at `num_data`, and the points it shares
-    with the previous chunk get weight zero. Returns the sliced data, the global
-    indices of its points and their weights (1 or 0).
+    Returns `count` and `take(index) -> (chunk_data, indices, weights)`: the points
+    of chunk `index`, their global indices and their weights (1 or 0).
+
+    When `chunk_size` divides `num_data`, chunk `c` holds the points
+    `c, c + count, c + 2 count, ...`: a reshape of axis 0 into
+    `(chunk_size, count)` followed by an index along the second axis. A data set
+    sharded along axis 0 over `S` devices, with `S` dividing `chunk_size`, keeps
+    that sharding through the reshape, so every device scans its own shard and
+    the data never moves between devices. Otherwise the chunks are contiguous and
+    the last one is shifted back to end at `num_data`; the points it shares with
+    the previous chunk get weight zero.
     """
-    if num_chunks(num_data, chunk_size) == 1:
-        return data, jnp.arange(num_data), jnp.ones(num_data, dtype=bool)
-    start = jnp.minimum(index * chunk_size, num_data - chunk_size)
-    sliced = jtu.tree_map(
-        lambda leaf: lax.dynamic_slice_in_dim(leaf, start, chunk_size), data
-    )
-    indices = start + jnp.arange(chunk_size)
-    return sliced, indices, indices >= index * chunk_size
+    count = num_chunks(num_data, chunk_size)
+    if count == 1:
+        whole = (data, jnp.arange(num_data), jnp.ones(num_data, dtype=bool))
+        return 1, lambda index: whole
+    if num_data % chunk_size == 0:
+        strided = jtu.tree_map(
+            lambda leaf: leaf.reshape(chunk_size, count, *leaf.shape[1:]), data
+        )
+
+        def take(index):
+            sliced = jtu.tree_map(
+                lambda leaf: lax.dynamic_index_in_dim(leaf, index, 1, False), strided
+            )
+            indices = index + count * jnp.arange(chunk_size)
+            return sliced, indices, jnp.ones(chunk_size, dtype=bool)
+
+        return count, take
+
+    def take(index):
+        start = jnp.minimum(index * chunk_size, num_data - chunk_size)
+        sliced = jtu.tree_map(
+            lambda leaf: lax.dynamic_slice_in_dim(leaf, start, chunk_size), data
+        )
+        indices = start + jnp.arange(chunk_size)
+        return sliced, indices, indices >= index * chunk_size
+
+    return count, take
 
 
 def chunked_sum(
@@ -140,16 +170,44 @@ def chunked_sum(
     chunk_size: int | None,
 ) -> PyTree:
     """`sum_chunks fn(chunk_data, indices, weights)` with a `lax.scan` over chunks."""
-    count = num_chunks(num_data, chunk_size)
+    count, take = chunker(data, num_data, chunk_size)
     if count == 1:
-        return fn(*chunk(data, num_data, chunk_size, jnp.asarray(0)))
-
-    first = jax.eval_shape(fn, *chunk(data, num_data, chunk_size, jnp.asarray(0)))
+        return fn(*take(0))
 
     def body(total, index):
-        term = fn(*chunk(data, num_data, chunk_size, index))
+        term = fn(*take(index))
         return jtu.tree_map(jnp.add, total, term), None
 
+    first = jax.eval_shape(fn, *take(jnp.asarray(0)))
     zeros = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
     total, _ = lax.scan(body, zeros, jnp.arange(count))
     return total
+
+
+def chunked_map(
+    fn: Callable[[PyTree, Int[Array, " c"]], PyTree],
+    data: PyTree,
+    num_data: int,
+    chunk_size: int | None,
+) -> PyTree:
+    """`fn(chunk_data, indices)` over the chunks, per-point results `(num_data, ...)`.
+
+    `fn` returns arrays whose axis 0 indexes the chunk's points; they are put back
+    in data order.
+    """
+    count, take = chunker(data, num_data, chunk_size)
+    if count == 1:
+        return fn(*take(0)[:2])
+    blocks = lax.map(lambda index: fn(*take(index)[:2]), jnp.arange(count))
+    if num_data % chunk_size == 0:
+        return jtu.tree_map(
+            lambda block: jnp.swapaxes(block, 0, 1).reshape(num_data, *block.shape[2:]),
+            blocks,
+        )
+    overlap = count * chunk_size - num_data
+    return jtu.tree_map(
+        lambda block: jnp.concatenate(
+            [block[:-1].reshape(-1, *block.shape[2:]), block[-1, overlap:]]
+        ),
+        blocks,
+    )

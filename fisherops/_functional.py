@@ -56,9 +56,25 @@ def create_empirical_fisher_mv_without_data(
 ) -> Callable[[Params, Data], Params]:
     r"""`(v, data) ↦ factor Σ_n J_n^T g_n g_n^T J_n v` over the batch `data`.
 
-    For data that arrives batch by batch: sum the results of your batches, with
-    `factor` the scaling you want for each (e.g. `N_total / N_seen`).
+    For data that arrives batch by batch (a data set larger than memory): build
+    `mv` once, call it on every batch and sum. `factor` multiplies each batch's
+    sum, so give the scaling of the whole pass, e.g. `N_total / N_seen` with
+    `N_seen` the number of points in all the batches of the pass:
+
+    ```python
+    mv = create_empirical_fisher_mv_without_data(
+        model_fn, params, "cross_entropy", factor=N_total / N_seen
+    )
+    mv = jax.jit(mv)  # compiles once per batch shape
+    total = None
+    for batch in loader():
+        term = mv(vector, batch)
+        total = term if total is None else jax.tree.map(jnp.add, total, term)
+    ```
+
+    [`fisherops.StreamedOperator`][] runs this loop for you, as a lineax operator.
     """
+
 
     def mv(vector: Params, data: Data) -> Params:
         return EmpiricalFisherOperator(
@@ -120,10 +136,33 @@ def create_MC_fisher_mv_without_data(
 ) -> Callable[[Params, Data], Params]:
     r"""`(v, data) ↦ factor / M Σ_{n,m} J_n^T g_nm g_nm^T J_n v` over the batch.
 
-    Samples depend on `(key, n, m)` with `n` the index *within* `data`: when you
-    drive it from your own loop, give each batch its own key, e.g.
-    `jax.random.fold_in(key, batch_index)`, or the batches share label noise.
+    Samples depend on `(key, n, m)` with `n` the index *within* `data`. When you
+    drive it from your own loop over batches, give each batch its own key, or the
+    batches share their label noise (the same `ỹ` for the `n`-th point of every
+    batch). Build one `mv` per batch key; under `jit` the key is traced, so it
+    compiles once per batch shape:
+
+    ```python
+    @jax.jit
+    def batch_mv(vector, batch, batch_key):
+        mv = create_MC_fisher_mv_without_data(
+            model_fn, params, "cross_entropy", batch_key, factor=N_total / N_seen
+        )
+        return mv(vector, batch)
+
+    total = None
+    for b, batch in enumerate(loader()):
+        term = batch_mv(vector, batch, jax.random.fold_in(key, b))
+        total = term if total is None else jax.tree.map(jnp.add, total, term)
+    ```
+
+    This is a valid Monte-Carlo Fisher, but not the same matrix as
+    `create_MC_fisher_mv` on the concatenated data. For that, the samples must
+    depend on the *global* index of each point: use
+    `fisherops.MCFisherOperator(..., first_index=...)` per batch, or
+    [`fisherops.StreamedOperator`][], which does it for you.
     """
+
 
     def mv(vector: Params, data: Data) -> Params:
         return MCFisherOperator(

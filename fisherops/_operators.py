@@ -32,6 +32,7 @@ from ._likelihoods import (
     has_hessian_factor,
     has_sampler,
 )
+from ._sharding import check_chunking
 
 Data = dict[str, Any] | tuple[Any, Any]
 ModelFn = Callable[[Any, PyTree], Array]
@@ -155,6 +156,7 @@ def _setup(
         raise ValueError(
             f"chunk_size must be None or a positive int; got {chunk_size!r}."
         )
+    check_chunking((inputs, targets), num_data, chunk_size)
     outputs = jax.eval_shape(
         _core.batched_model(model_fn, vmap_over_data), inputs, params
     )
@@ -358,35 +360,23 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
         self.operator = operator
         inputs, targets = operator.data
         model = _core.batched_model(operator.model_fn, operator.vmap_over_data)
-        indices = jnp.arange(operator.num_data)
         if _core.num_chunks(operator.num_data, operator.chunk_size) == 1:
             outputs, self.jvp_fn = jax.linearize(
                 lambda p: model(inputs, p), operator.params
             )
-            self.factors = operator._output_factors(outputs, targets, indices)
+            self.factors = operator._output_factors(
+                outputs, targets, jnp.arange(operator.num_data)
+            )
         else:
             self.jvp_fn = None
 
-            def on_chunk(start):
-                sliced = jtu.tree_map(
-                    lambda leaf: jax.lax.dynamic_slice_in_dim(
-                        leaf, start, operator.chunk_size
-                    ),
-                    (inputs, targets),
-                )
-                outputs = model(sliced[0], operator.params)
-                return operator._output_factors(
-                    outputs, sliced[1], start + jnp.arange(operator.chunk_size)
-                )
+            def on_chunk(data, indices):
+                outputs = model(data[0], operator.params)
+                return operator._output_factors(outputs, data[1], indices)
 
-            count = _core.num_chunks(operator.num_data, operator.chunk_size)
-            starts = jnp.minimum(
-                jnp.arange(count) * operator.chunk_size,
-                operator.num_data - operator.chunk_size,
+            self.factors = _core.chunked_map(
+                on_chunk, operator.data, operator.num_data, operator.chunk_size
             )
-            blocks = jax.lax.map(on_chunk, starts)
-            # Stitch the (possibly overlapping) chunks back into one (N, O, K) array.
-            self.factors = _stitch(blocks, starts, operator.num_data)
 
     def mv(self, vector):
         _check_vector(self, vector)
@@ -445,12 +435,6 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
         return self.operator.out_structure()
 
 
-def _stitch(blocks, starts, num_data):
-    flat = blocks.reshape(-1, *blocks.shape[2:])
-    positions = (starts[:, None] + jnp.arange(blocks.shape[1])).reshape(-1)
-    return (
-        jnp.zeros((num_data, *blocks.shape[2:]), blocks.dtype).at[positions].set(flat)
-    )
 
 
 class EmpiricalFisherOperator(AbstractCurvatureOperator):
@@ -581,6 +565,10 @@ class MCFisherOperator(AbstractCurvatureOperator):
       cannot be sampled from).
     - `key`: a `jax.random.key`.
     - `mc_samples`: `M >= 1`, the number of label samples per datum.
+    - `first_index`: the global index of `data`'s first point, when `data` is one
+      batch of a larger data set: the samples then depend on
+      `(key, first_index + n, m)`, so batches of one data set draw the samples the
+      whole data set would. [`fisherops.StreamedOperator`][] sets it for you.
     """
 
     model_fn: ModelFn
@@ -589,6 +577,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
     factor: Float[Array, ""]
     likelihood: AbstractLikelihood
     key: PRNGKeyArray
+    first_index: Int[Array, ""]
     num_data: int = eqx.field(static=True)
     vmap_over_data: bool = eqx.field(static=True)
     chunk_size: int | None = eqx.field(static=True)
@@ -607,6 +596,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
         vmap_over_data: bool = True,
         mc_samples: int | None = 1,
         chunk_size: int | None = None,
+        first_index: Int[Array, ""] | int = 0,
     ):
         if loss_fn is None:
             raise ValueError("MCFisherOperator needs loss_fn; got None.")
@@ -642,6 +632,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
         self.num_data = setup.num_data
         self.likelihood = likelihood
         self.key = key
+        self.first_index = jnp.asarray(first_index, dtype=int)
         self.vmap_over_data = vmap_over_data
         self.chunk_size = chunk_size
         self.mc_samples = int(mc_samples)
@@ -652,7 +643,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
         samples = jnp.arange(self.mc_samples)
 
         def one_datum(output, index):
-            datum_key = jax.random.fold_in(self.key, index)
+            datum_key = jax.random.fold_in(self.key, self.first_index + index)
 
             def one_sample(m):
                 draw = likelihood.sample(jax.random.fold_in(datum_key, m), output)
