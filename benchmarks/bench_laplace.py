@@ -1,0 +1,179 @@
+"""What the Laplace workflow costs, in gradients: posterior samples and log-dets.
+
+    python benchmarks/bench_laplace.py            # the full run
+    python benchmarks/bench_laplace.py --quick    # a smoke run (1 repeat)
+
+Problems (`_problems.py`, float32, random init, cross-entropy, N = 512):
+`mlp` 32-256-256-10 (P = 76810) and `mlp-small` 32-64-64-10 (P = 6922). The
+curvature is the GGN, the prior isotropic with precision `--prior` (default 1).
+Every timed function starts from `(params, data)` (forward pass included), is
+jit-compiled and warmed up, then called `--repeats` times; the table shows
+medians, and ratios to `grad`, the gradient of the summed loss over the batch.
+
+- `sample x1`: `LaplacePosterior.sample(key, 1)`: one factor `vjp` and one CG
+  solve (default tolerance, `rtol = atol = sqrt(eps) = 3.5e-4` in float32).
+- `sample x16 / 16`: sixteen vmapped samples, per sample.
+- `CG steps`: the steps of one such solve (same right-hand side distribution).
+- `logdet slq SxM`: stochastic Lanczos quadrature, `S` probes, `M` steps
+  (`32x64` is the default); its error against the float64 dense log-det.
+- `logdet dense`: `as_matrix` and Cholesky. Only for `mlp-small`: the dense
+  `P x P` of the big MLP is 23.6 GB in float32.
+"""
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from _problems import Problem, loss_per_datum, make_problem
+
+import fisherops
+
+SLQ_CONFIGS = ((32, 64), (8, 32))
+DENSE_LIMIT = 10_000  # largest P whose dense log-det is timed
+
+
+def median_seconds(fn, args, repeats):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def posterior(problem: Problem, params, inputs, targets, prior):
+    curvature = fisherops.GGNOperator(
+        problem.model_fn, params, (inputs, targets), problem.loss
+    )
+    return fisherops.LaplacePosterior(curvature, prior, params)
+
+
+def functions(problem: Problem, prior: float):
+    model = jax.vmap(problem.model_fn, in_axes=(0, None))
+    loss = jax.vmap(loss_per_datum(problem.loss))
+
+    def grad(params, inputs, targets, key):
+        return jax.grad(lambda p: jnp.sum(loss(model(inputs, p), targets)))(params)
+
+    def sample(num_samples):
+        def fn(params, inputs, targets, key):
+            laplace = posterior(problem, params, inputs, targets, prior)
+            return laplace.sample(key, num_samples)
+
+        return fn
+
+    def slq(num_probes, num_steps):
+        def fn(params, inputs, targets, key):
+            laplace = posterior(problem, params, inputs, targets, prior)
+            return laplace.logdet(
+                "slq", key=key, num_probes=num_probes, num_lanczos_steps=num_steps
+            )
+
+        return fn
+
+    def dense(params, inputs, targets, key):
+        return posterior(problem, params, inputs, targets, prior).logdet("dense")
+
+    timed = {"grad": grad, "sample x1": sample(1), "sample x16": sample(16)}
+    for num_probes, num_steps in SLQ_CONFIGS:
+        timed[f"logdet slq {num_probes}x{num_steps}"] = slq(num_probes, num_steps)
+    if problem.num_params <= DENSE_LIMIT:
+        timed["logdet dense"] = dense
+    return {name: jax.jit(fn) for name, fn in timed.items()}
+
+
+def cg_steps(problem: Problem, prior: float, params, inputs, targets, key):
+    """The CG steps of one sample's solve: `(C + λI) z = sqrt(λ) e_1 + A e_2`."""
+
+    @jax.jit
+    def steps(params, inputs, targets, key):
+        laplace = posterior(problem, params, inputs, targets, prior)
+        curvature = lx.linearise(laplace.curvature)
+        key_prior, key_curvature = jax.random.split(key)
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        noise = jax.random.normal(key_prior, flat.shape, flat.dtype)
+        coefficients = jax.random.normal(
+            key_curvature, curvature.factor_shape(), flat.dtype
+        )
+        rhs = jax.tree_util.tree_map(
+            lambda a, b: jnp.sqrt(prior) * a + b,
+            unravel(noise),
+            curvature.factor_mv(coefficients),
+        )
+        tolerance = float(np.sqrt(np.finfo(flat.dtype).eps))
+        solution = lx.linear_solve(
+            curvature + laplace.prior, rhs, lx.CG(rtol=tolerance, atol=tolerance)
+        )
+        return solution.stats["num_steps"]
+
+    return int(steps(params, inputs, targets, key))
+
+
+def exact_logdet(problem: Problem, prior: float, params, inputs, targets) -> float:
+    """float64 `log det(C + λI)` from the (float32) dense curvature."""
+    matrix = jax.jit(
+        lambda p, x, y: posterior(problem, p, x, y, prior).curvature.as_matrix()
+    )(params, inputs, targets)
+    matrix = np.asarray(matrix, np.float64) + prior * np.eye(matrix.shape[0])
+    return float(np.linalg.slogdet(matrix)[1])
+
+
+def run(name: str, num_data: int, prior: float, repeats: int) -> list[str]:
+    problem = make_problem(name, num_data)
+    args = (problem.params, problem.inputs, problem.targets, jax.random.key(1))
+    print(
+        f"== {problem.name} ({problem.loss}), P={problem.num_params}, GGN + {prior} I"
+    )
+    timed = functions(problem, prior)
+    seconds = {}
+    for label, fn in timed.items():
+        seconds[label] = median_seconds(fn, args, repeats)
+    seconds["sample x16 / 16"] = seconds.pop("sample x16") / 16
+    exact = exact_logdet(problem, prior, *args[:3]) if "logdet dense" in timed else None
+    steps = cg_steps(problem, prior, *args)
+    unit = seconds["grad"]
+    rows = []
+    for label, value in seconds.items():
+        note = ""
+        if label.startswith("logdet") and exact is not None:
+            estimate = float(timed[label](*args))
+            note = f"rel. error {abs(estimate - exact) / abs(exact):.1e}"
+        if label.startswith("sample"):
+            note = f"CG steps {steps}"
+        print(f"  {label:<18} {value * 1e3:10.2f} ms {value / unit:9.1f}x grad  {note}")
+        rows.append(
+            f"| {problem.name} | {label} | {value * 1e3:.2f} | {value / unit:.1f} "
+            f"| {note} |"
+        )
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 repeat")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--prior", type=float, default=1.0)
+    parser.add_argument("--num-data", type=int, default=512)
+    options = parser.parse_args()
+    repeats = options.repeats or (1 if options.quick else 5)
+    print(f"fisherops Laplace benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, ", end="")
+    print(f"device {jax.devices()[0].device_kind}, {platform.processor() or ''}")
+    print(f"median of {repeats} calls; ratios to `grad`\n")
+    rows = []
+    for name in ("mlp-small-ce", "mlp-ce"):
+        rows += run(name, options.num_data, options.prior, repeats)
+    print("\n| problem | what | ms | x grad | note |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
