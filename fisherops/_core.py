@@ -13,7 +13,6 @@ import functools as ft
 from collections.abc import Callable
 
 import jax
-import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax import lax
@@ -84,12 +83,12 @@ def per_datum_gradients(
     targets: PyTree,
     indices: Int[Array, " n"],
     factor_fn: FactorFn,
-) -> Float[Array, "n K P"]:
-    """The rows `B_n^T J_n` (flattened params), one `(K, P)` block per datum.
+) -> PyTree[Float[Array, "n K ..."]]:
+    """The rows `B_n^T J_n`: params-shaped, each leaf `(n, K, *leaf.shape)`.
 
-    One forward pass per datum (vmapped), then `K` `vjp`s (vmapped).
+    One forward pass per datum (vmapped), then `K` `vjp`s (vmapped). The rows stay
+    a pytree: flattening them here would copy every row once more.
     """
-    flat, unravel = jfu.ravel_pytree(params)
     batch_of_one = ft.partial(jtu.tree_map, lambda leaf: leaf[None])
     if vmap_over_data:
         single = model_fn
@@ -99,7 +98,7 @@ def per_datum_gradients(
             return model_fn(batch_of_one(x), p)[0]
 
     def one(x, y, index):
-        output, vjp_fn = jax.vjp(lambda f: single(x, unravel(f)), flat)
+        output, vjp_fn = jax.vjp(lambda p: single(x, p), params)
         b = factor_fn(output[None], batch_of_one(y), index[None])[0]
         cotangents = b.T.reshape((b.shape[1], *output.shape))
         (rows,) = jax.vmap(vjp_fn)(cotangents)

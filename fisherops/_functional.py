@@ -9,7 +9,14 @@ from collections.abc import Callable
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Real
 
 from ._likelihoods import AbstractLikelihood
-from ._operators import Data, EmpiricalFisherOperator, MCFisherOperator, ModelFn
+from ._operators import (
+    Data,
+    EmpiricalFisherOperator,
+    MCFisherOperator,
+    ModelFn,
+    empirical_likelihood,
+    mc_arguments,
+)
 
 Params = PyTree[Float[Array, "..."]]
 Loss = "str | Callable | AbstractLikelihood | None"
@@ -75,6 +82,7 @@ def create_empirical_fisher_mv_without_data(
     [`fisherops.StreamedOperator`][] runs this loop for you, as a lineax operator.
     """
 
+    empirical_likelihood(loss_fn, loss_grad_fn)  # bad arguments fail here, not later
 
     def mv(vector: Params, data: Data) -> Params:
         return EmpiricalFisherOperator(
@@ -163,6 +171,7 @@ def create_MC_fisher_mv_without_data(
     [`fisherops.StreamedOperator`][], which does it for you.
     """
 
+    mc_arguments(loss_fn, key, mc_samples)  # bad arguments fail here, not later
 
     def mv(vector: Params, data: Data) -> Params:
         return MCFisherOperator(

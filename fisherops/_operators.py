@@ -278,13 +278,28 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
     def as_matrix(self) -> Float[Array, "P P"]:
         size = self.in_size()
         if self.num_data * self._num_columns() < size:
-            gram = self._per_datum_sum(lambda rows: rows.T @ rows)
+
+            def gram(rows):
+                flat = jnp.concatenate(
+                    [row.reshape(-1, row[0, 0].size) for row in jtu.tree_leaves(rows)],
+                    axis=1,
+                )  # (n K, P), in ravel_pytree order
+                return flat.T @ flat
+
+            gram = self._per_datum_sum(gram, self.chunk_size)
             return gram * self.factor.astype(gram.dtype)
         return _dense_from_mv(self.linearise())
 
     def diagonal(self) -> Float[Array, " P"]:
-        """The exact diagonal `factor * sum_{n,k} (J_n^T B_n)_{:,k}^2`, flattened."""
-        diag = self._per_datum_sum(lambda rows: jnp.sum(rows**2, axis=0))
+        """The exact diagonal `factor * sum_{n,k} (J_n^T B_n)_{:,k}^2`, flattened.
+
+        The squared rows are accumulated chunk by chunk, elementwise, in a buffer
+        of about `_ROWS_BYTES`; only then are its rows summed.
+        """
+        squares = self._per_datum_sum(
+            ft.partial(jtu.tree_map, jnp.square), self._rows_chunk_size()
+        )
+        diag = jfu.ravel_pytree(jtu.tree_map(_sum_rows, squares))[0]
         return diag * self.factor.astype(diag.dtype)
 
     def linearise(self) -> "LinearisedCurvatureOperator":
@@ -316,8 +331,18 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
         ).shape
         return shape[-1]
 
-    def _per_datum_sum(self, reduce: Callable[[Array], Array]) -> Array:
-        """`sum_chunks reduce(rows)`, `rows` the `(n*K, P)` stacked `B_n^T J_n`."""
+    def _rows_chunk_size(self) -> int:
+        """Data points per chunk whose rows `B_n^T J_n` take about `_ROWS_BYTES`."""
+        row_bytes = self._num_columns() * sum(
+            leaf.size * leaf.dtype.itemsize for leaf in jtu.tree_leaves(self.params)
+        )
+        size = max(1, _ROWS_BYTES // row_bytes)
+        return size if self.chunk_size is None else min(size, self.chunk_size)
+
+    def _per_datum_sum(
+        self, reduce: Callable[[PyTree[Array]], PyTree[Array]], chunk_size: int | None
+    ) -> PyTree[Array]:
+        """`sum_chunks reduce(rows)`; `rows` is params-shaped, leaves `(n, K, ...)`."""
 
         def on_chunk(data, indices, weights):
             inputs, targets = data
@@ -330,10 +355,27 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
                 indices,
                 self._output_factors,
             )
-            rows = rows * weights[:, None, None].astype(rows.dtype)
-            return reduce(rows.reshape(-1, rows.shape[-1]))
 
-        return _core.chunked_sum(on_chunk, self.data, self.num_data, self.chunk_size)
+            def weigh(row):
+                return row * weights.astype(row.dtype).reshape(
+                    -1, *(1,) * (row.ndim - 1)
+                )
+
+            return reduce(jtu.tree_map(weigh, rows))
+
+        return _core.chunked_sum(on_chunk, self.data, self.num_data, chunk_size)
+
+
+# Per-datum gradients are computed in chunks of about this many bytes: small enough
+# to stay in cache, large enough for a few data points per chunk.
+_ROWS_BYTES = 2**22
+
+
+def _sum_rows(leaf: Float[Array, "n K ..."]) -> Float[Array, "..."]:
+    """`leaf.sum((0, 1))`, as a matrix-vector product: XLA:CPU is slow to reduce
+    over leading axes."""
+    rows = leaf.shape[0] * leaf.shape[1]
+    return (jnp.ones(rows, leaf.dtype) @ leaf.reshape(rows, -1)).reshape(leaf.shape[2:])
 
 
 def _dense_from_mv(operator: lx.AbstractLinearOperator) -> Array:
@@ -435,6 +477,40 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
         return self.operator.out_structure()
 
 
+def empirical_likelihood(loss_fn, loss_grad_fn) -> AbstractLikelihood | None:
+    """Check the empirical Fisher's loss arguments; the likelihood of `loss_fn`."""
+    if (loss_fn is None) == (loss_grad_fn is None):
+        raise ValueError(
+            "the empirical Fisher needs exactly one of loss_fn and loss_grad_fn; "
+            f"got {'both' if loss_fn is not None else 'neither'}."
+        )
+    if loss_grad_fn is not None and not callable(loss_grad_fn):
+        raise TypeError(
+            f"loss_grad_fn must be callable; got {type(loss_grad_fn).__name__}."
+        )
+    return as_likelihood(loss_fn)
+
+
+def mc_arguments(loss_fn, key, mc_samples) -> tuple[AbstractLikelihood, int]:
+    """Check the Monte-Carlo Fisher's arguments; its likelihood and `mc_samples`."""
+    if loss_fn is None:
+        raise ValueError("the Monte-Carlo Fisher needs loss_fn; got None.")
+    likelihood = as_likelihood(loss_fn)
+    if not has_sampler(likelihood):
+        raise ValueError(
+            "the Monte-Carlo Fisher needs a loss_fn it can sample labels from: a "
+            "built-in loss name or a fisherops.Likelihood(loss, sample=...); "
+            "got a callable loss without a sampler."
+        )
+    _check_key(key)
+    mc_samples = 1 if mc_samples is None else mc_samples  # laplax allows None
+    if (
+        isinstance(mc_samples, bool)
+        or not isinstance(mc_samples, int | np.integer)
+        or mc_samples < 1
+    ):
+        raise ValueError(f"mc_samples must be an int >= 1; got {mc_samples!r}.")
+    return likelihood, int(mc_samples)
 
 
 class EmpiricalFisherOperator(AbstractCurvatureOperator):
@@ -490,16 +566,7 @@ class EmpiricalFisherOperator(AbstractCurvatureOperator):
         loss_grad_fn: Callable | None = None,
         chunk_size: int | None = None,
     ):
-        if (loss_fn is None) == (loss_grad_fn is None):
-            raise ValueError(
-                "EmpiricalFisherOperator needs exactly one of loss_fn and "
-                f"loss_grad_fn; got {'both' if loss_fn is not None else 'neither'}."
-            )
-        if loss_grad_fn is not None and not callable(loss_grad_fn):
-            raise TypeError(
-                f"loss_grad_fn must be callable; got {type(loss_grad_fn).__name__}."
-            )
-        self.likelihood = as_likelihood(loss_fn)
+        self.likelihood = empirical_likelihood(loss_fn, loss_grad_fn)
         setup = _setup(
             model_fn,
             params,
@@ -598,23 +665,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
         chunk_size: int | None = None,
         first_index: Int[Array, ""] | int = 0,
     ):
-        if loss_fn is None:
-            raise ValueError("MCFisherOperator needs loss_fn; got None.")
-        likelihood = as_likelihood(loss_fn)
-        if not has_sampler(likelihood):
-            raise ValueError(
-                "MCFisherOperator needs a loss_fn it can sample labels from: a "
-                "built-in loss name or a fisherops.Likelihood(loss, sample=...); "
-                "got a callable loss without a sampler."
-            )
-        _check_key(key)
-        mc_samples = 1 if mc_samples is None else mc_samples  # laplax allows None
-        if (
-            isinstance(mc_samples, bool)
-            or not isinstance(mc_samples, int | np.integer)
-            or mc_samples < 1
-        ):
-            raise ValueError(f"mc_samples must be an int >= 1; got {mc_samples!r}.")
+        likelihood, mc_samples = mc_arguments(loss_fn, key, mc_samples)
         setup = _setup(
             model_fn,
             params,
