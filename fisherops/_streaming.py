@@ -37,7 +37,7 @@ _add = jax.jit(lambda total, term: jtu.tree_map(jnp.add, total, term))
 
 def _signature(batch: tuple[PyTree, PyTree]) -> tuple:
     leaves, treedef = jtu.tree_flatten(batch)
-    return treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
 class _Source:

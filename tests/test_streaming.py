@@ -1,0 +1,121 @@
+"""`StreamedOperator`: the in-memory matrix, from batches read one at a time."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+from _reference import assert_close, mlp
+from _scaling import DATA, KINDS, NUM_DATA, PARAMS, PRIOR, VECTOR
+from _scaling import expected as in_memory
+from _scaling import operator as make_operator
+from jax.flatten_util import ravel_pytree
+
+import fisherops as fo
+
+
+def batches(size):
+    """A data loader: a callable returning a fresh iterator of numpy batches."""
+    inputs, targets = (np.asarray(leaf) for leaf in DATA)
+    return lambda: (
+        (inputs[i : i + size], targets[i : i + size]) for i in range(0, NUM_DATA, size)
+    )
+
+
+def streamed(kind, size, **kwargs):
+    return fo.StreamedOperator(
+        lambda batch: make_operator(kind, batch), batches(size), **kwargs
+    )
+
+
+def flat(tree):
+    return ravel_pytree(tree)[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streamed_mv_equals_in_memory(kind):
+    # Batches of 24, 24 and 16 points; MC draws its samples at the global indices.
+    operator = streamed(kind, 24, num_total_samples=1000)
+    assert_close(flat(operator.mv(VECTOR)), in_memory(kind)["mv"] * 1000 / NUM_DATA)
+
+
+def test_streamed_diagonal_and_matrix_equal_in_memory():
+    operator = streamed("mc", 16, num_curv_samples=32, num_total_samples=64)
+    assert_close(lx.diagonal(operator), 2 * in_memory("mc")["diagonal"])
+    assert_close(operator.as_matrix(), 2 * in_memory("mc")["as_matrix"])
+
+
+def test_mc_batches_with_first_index_are_the_whole_data_set():
+    @jax.jit
+    def half(start):
+        data = jax.tree.map(
+            lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, start, 32), DATA
+        )
+        return flat(make_operator("mc", data, first_index=start).mv(VECTOR))
+
+    assert_close(half(0) + half(32), in_memory("mc")["mv"])
+
+
+def test_cg_solves_eagerly_and_under_jit():
+    precision = streamed("ef", 32) + fo.PriorPrecision(PARAMS, PRIOR)
+    cg = lx.CG(rtol=1e-12, atol=1e-12, max_steps=200)
+    expected = in_memory("ef")["cg"]
+    assert_close(flat(lx.linear_solve(precision, VECTOR, cg).value), expected)
+    solve = jax.jit(lambda b: lx.linear_solve(precision, b, cg).value)
+    assert_close(flat(solve(VECTOR)), expected)
+
+
+def test_each_batch_shape_compiles_once():
+    traces = itertools.count()
+
+    def model_fn(x, params):
+        next(traces)
+        return mlp(x, params)
+
+    operator = fo.StreamedOperator(
+        lambda batch: fo.GGNOperator(model_fn, PARAMS, batch, "cross_entropy"),
+        batches(24),
+    )
+    operator.mv(VECTOR)
+    before = next(traces)
+    operator.mv(VECTOR)
+    assert next(traces) == before + 1  # nothing traced in between
+
+
+def test_user_loop_over_the_functional_form_equals_in_memory():
+    """The loop `create_empirical_fisher_mv_without_data` documents."""
+    mv = jax.jit(
+        fo.create_empirical_fisher_mv_without_data(
+            mlp, PARAMS, "cross_entropy", factor=1000 / NUM_DATA
+        )
+    )
+    total = None
+    for batch in batches(16)():
+        term = mv(VECTOR, batch)
+        total = term if total is None else jax.tree.map(jnp.add, total, term)
+    assert_close(flat(total), in_memory("ef")["mv"] * 1000 / NUM_DATA)
+
+
+def test_progress_bar(capsys):
+    operator = streamed("ef", 32, progress=True)
+    assert_close(flat(operator.mv(VECTOR)), in_memory("ef")["mv"])
+    assert "batch" in capsys.readouterr().err
+
+
+def test_bad_arguments():
+    one_shot = iter(batches(32)())
+    with pytest.raises(TypeError, match="batches must be re-iterable"):
+        fo.StreamedOperator(lambda batch: make_operator("ef", batch), one_shot)
+    with pytest.raises(ValueError, match="default scaling"):
+        fo.StreamedOperator(
+            lambda batch: make_operator("ef", batch, num_total_samples=10),
+            batches(32),
+        )
+    with pytest.raises(TypeError, match="operator_fn must return"):
+        fo.StreamedOperator(lambda batch: lx.IdentityLinearOperator(VECTOR), [DATA])
+    with pytest.raises(ValueError, match="at least one batch"):
+        fo.StreamedOperator(lambda batch: make_operator("ef", batch), [])
+    with pytest.raises(ValueError, match="num_total_samples"):
+        streamed("ef", 32, num_total_samples=-1)
