@@ -5,6 +5,7 @@ a time from a data loader. Each batch goes through the same jitted function, so
 it compiles once per batch shape; only one batch is in device memory at a time.
 """
 
+import functools as ft
 from collections.abc import Callable, Iterable, Iterator
 
 import equinox as eqx
@@ -27,21 +28,60 @@ from ._operators import (
 Batches = Iterable[Data] | Callable[[], Iterator[Data]]
 
 
-@eqx.filter_jit
-def _batch_term(operator: AbstractCurvatureOperator, method: str, args: tuple):
-    return getattr(operator, method)(*args)
+class _Identity:
+    """Wraps an object so that `jit` hashes it by identity (a static argument)."""
+
+    def __init__(self, value):
+        self.value = value
 
 
-_add = jax.jit(lambda total, term: jtu.tree_map(jnp.add, total, term))
+@ft.partial(jax.jit, static_argnums=(0, 1))
+def _accumulate(static, method, dynamic, data, first_index, args, total):
+    """`total + getattr(C_b, method)(*args)`, `C_b` the template holding batch `b`."""
+    operator = eqx.combine(dynamic, static.value)
+    operator = eqx.tree_at(lambda op: op.data, operator, data)
+    if isinstance(operator, MCFisherOperator):
+        index = jnp.asarray(first_index, operator.first_index.dtype)
+        operator = eqx.tree_at(lambda op: op.first_index, operator, index)
+    term = getattr(operator, method)(*args)
+    return jtu.tree_map(jnp.add, total, term)
+
+
+class _Template:
+    """The operator of one batch shape, split for `_accumulate`: arrays and the rest.
+
+    Its data is left out (each batch brings its own), so only the params and the
+    other arrays of the operator travel with every call.
+    """
+
+    def __init__(self, operator: AbstractCurvatureOperator):
+        hollow = eqx.tree_at(lambda op: op.data, operator, _Identity(None))
+        dynamic, static = eqx.partition(hollow, eqx.is_array)
+        self.operator = operator
+        self.dynamic = dynamic
+        self.static = _Identity(static)
+        self.zeros: dict[str, PyTree[Array]] = {}
+
+    def accumulate(self, method, data, first_index, args, total):
+        if total is None:
+            if method not in self.zeros:
+                shapes = jax.eval_shape(lambda: getattr(self.operator, method)(*args))
+                self.zeros[method] = jtu.tree_map(
+                    lambda s: jnp.zeros(s.shape, s.dtype), shapes
+                )
+            total = self.zeros[method]
+        return _accumulate(
+            self.static, method, self.dynamic, data, first_index, args, total
+        )
 
 
 def _signature(batch: tuple[PyTree, PyTree]) -> tuple:
     leaves, treedef = jtu.tree_flatten(batch)
-    return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+    return treedef, tuple((np.shape(x), getattr(x, "dtype", None)) for x in leaves)
 
 
 class _Source:
-    """The batches, and one operator per batch shape to put each batch into.
+    """The batches, and one template operator per batch shape.
 
     Not a pytree: it stays out of `jit` (its hash is its identity), and the
     batches are never traced.
@@ -67,24 +107,18 @@ class _Source:
                 ) from None
         self.operator_fn = operator_fn
         self.progress = progress
-        self.templates: dict[tuple, AbstractCurvatureOperator] = {}
+        self.templates: dict[tuple, _Template] = {}
         self.sizes = getattr(batches, "__len__", None)
 
-    def operator(self, batch: Data, first_index: int) -> AbstractCurvatureOperator:
-        """The curvature operator of one batch."""
+    def template(self, batch: Data) -> tuple[_Template, tuple[PyTree, PyTree]]:
+        """The template for a batch's shape, and the batch as `(inputs, targets)`."""
         data = _split_data(batch)
         signature = _signature(data)
-        template = self.templates.get(signature)
-        if template is None:
-            template = self.template(batch)
-            self.templates[signature] = template
-        operator = eqx.tree_at(lambda op: op.data, template, data)
-        if isinstance(operator, MCFisherOperator):
-            index = jnp.asarray(first_index, template.first_index.dtype)
-            operator = eqx.tree_at(lambda op: op.first_index, operator, index)
-        return operator
+        if signature not in self.templates:
+            self.templates[signature] = _Template(self.checked_operator(batch))
+        return self.templates[signature], data
 
-    def template(self, batch: Data) -> AbstractCurvatureOperator:
+    def checked_operator(self, batch: Data) -> AbstractCurvatureOperator:
         operator = self.operator_fn(batch)
         if not isinstance(operator, AbstractCurvatureOperator):
             raise TypeError(
@@ -182,16 +216,15 @@ class StreamedOperator(lx.AbstractLinearOperator):
         first = next(iter(self.source.iterate()), None)
         if first is None:
             raise ValueError("batches must hold at least one batch; got none.")
-        self.source.operator(first, 0)
+        self.source.template(first)
 
     def _stream(self, method: str, *args) -> PyTree[Array]:
         """`factor * sum_b getattr(C_b, method)(*args)` over the batches."""
         total, count = None, 0
         for batch in self.source:
-            operator = self.source.operator(batch, count)
-            term = _batch_term(operator, method, args)
-            total = term if total is None else _add(total, term)
-            count += operator.num_data
+            template, data = self.source.template(batch)
+            total = template.accumulate(method, data, count, args, total)
+            count += template.operator.num_data
         num_curv = count if self.num_curv_samples is None else self.num_curv_samples
         num_total = (
             num_curv if self.num_total_samples is None else self.num_total_samples
@@ -221,7 +254,7 @@ class StreamedOperator(lx.AbstractLinearOperator):
 
     def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         template = next(iter(self.source.templates.values()))
-        return _structure(template.params)
+        return _structure(template.operator.params)
 
     def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         return self.in_structure()
