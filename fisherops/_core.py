@@ -116,6 +116,22 @@ def num_chunks(num_data: int, chunk_size: int | None) -> int:
     return -(-num_data // chunk_size)
 
 
+def layout_chunk_size(num_data: int, target: int) -> int:
+    """A chunk size for about `target` points that keeps a sharded data layout.
+
+    For a chunk size picked automatically (not by the user): with several
+    devices, the largest multiple of the device count that divides `num_data` and
+    is at most `max(target, device count)`, so that data sharded over the devices
+    (or over a divisor of them) is chunked where it lies (see `chunker`). `target`
+    itself on one device, or when `num_data` is not a multiple of the device count.
+    """
+    devices = jax.device_count()
+    if devices == 1 or target >= num_data or num_data % devices:
+        return target
+    largest = max(target, devices) // devices * devices
+    return next(n for n in range(largest, 0, -devices) if num_data % n == 0)
+
+
 def chunker(
     data: PyTree, num_data: int, chunk_size: int | None
 ) -> tuple[int, Callable[[Int[Array, ""]], Chunk]]:

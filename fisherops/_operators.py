@@ -337,7 +337,9 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
             leaf.size * leaf.dtype.itemsize for leaf in jtu.tree_leaves(self.params)
         )
         size = max(1, _ROWS_BYTES // row_bytes)
-        return size if self.chunk_size is None else min(size, self.chunk_size)
+        if self.chunk_size is not None:
+            size = min(size, self.chunk_size)
+        return _core.layout_chunk_size(self.num_data, size)
 
     def _per_datum_sum(
         self, reduce: Callable[[PyTree[Array]], PyTree[Array]], chunk_size: int | None

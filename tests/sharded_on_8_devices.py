@@ -14,7 +14,16 @@ import jax
 import numpy as np
 import pytest
 from _reference import assert_close
-from _scaling import DATA, KINDS, NUM_DATA, expected, mv, operator, quantities
+from _scaling import (
+    DATA,
+    KINDS,
+    NUM_DATA,
+    PARAMS,
+    expected,
+    mv,
+    operator,
+    quantities,
+)
 from jax.sharding import NamedSharding, PartitionSpec
 
 import fisherops as fo
@@ -61,6 +70,17 @@ def test_sharded_matrix_diagonal_and_cg_equal_unsharded(kind, chunk_size):
     assert not any(gather in hlo for gather in GATHERS)
     for name, value in run().items():
         assert_close(value, expected(kind)[name], err_msg=name)
+
+
+def test_automatic_chunks_of_the_diagonal_keep_the_sharding(monkeypatch):
+    # Rows of about 5 points per chunk: rounded to 8, a chunk size that keeps it.
+    row_bytes = 8 * sum(leaf.size for leaf in jax.tree.leaves(PARAMS))
+    monkeypatch.setattr(fo._operators, "_ROWS_BYTES", 5 * row_bytes)
+    run, hlo = compile_sharded(
+        lambda inputs, targets: operator("ef", (inputs, targets)).diagonal()
+    )
+    assert not any(gather in hlo for gather in GATHERS)
+    assert_close(run(), expected("ef")["diagonal"])
 
 
 @pytest.mark.parametrize("chunk_size", [12, 4])
