@@ -14,6 +14,7 @@ Vectors are params-shaped pytrees; "flat" vectors are `(P,)` in
 `jax.flatten_util.ravel_pytree` order.
 """
 
+import functools as ft
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -95,6 +96,22 @@ def _check_scalar(name: str, value) -> Array:
     return jnp.asarray(value)
 
 
+def _full_precision(fn: Callable) -> Callable:
+    """Trace `fn` with float32 matmuls at full precision.
+
+    TF32, the GPU default for float32 matmuls, makes each product only ~1e-3
+    accurate: CG then stalls short of its tolerance and Lanczos loses
+    orthogonality. No effect on CPUs or in float64.
+    """
+
+    @ft.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 # --------------------------------------------------------------------------- #
 # Flat vectors and log-determinants of `C + diag(d)`.
 # --------------------------------------------------------------------------- #
@@ -128,41 +145,49 @@ def _dense_logdet(
 
 
 def _lanczos(
-    matvec: Callable[[Array], Array], start: Float[Array, " P"], num_steps: int
-) -> tuple[Float[Array, "m P"], Float[Array, " m"], Float[Array, " m-1"]]:
-    """`num_steps` of Lanczos from `start`, fully reorthogonalised.
+    matvec: Callable[[Array], Array], starts: Float[Array, "S P"], num_steps: int
+) -> tuple[Float[Array, "S m P"], Float[Array, "S m"], Float[Array, "S m-1"]]:
+    """`num_steps` of fully reorthogonalised Lanczos from each row of `starts`.
 
-    Returns the orthonormal basis `Q` (rows) and the tridiagonal `T = Q M Q^T`
-    as its diagonal and off-diagonal. On breakdown (an invariant subspace found
-    before `num_steps`) the remaining rows of `Q` are zero and `T` continues with
-    a decoupled identity block, which carries zero quadrature weight.
+    All `S` runs advance together (one vmapped `matvec` per step). Returns the
+    orthonormal bases `Q` (`Q[s]` the rows of run `s`) and the tridiagonals
+    `T = Q M Q^T` as diagonals and off-diagonals. On breakdown (an invariant
+    subspace found before `num_steps`) the remaining rows of `Q` are zero and `T`
+    continues with a decoupled identity block, which carries zero quadrature
+    weight.
     """
-    dtype = start.dtype
+    dtype = starts.dtype
     eps = jnp.finfo(dtype).eps
-    basis = jnp.zeros((num_steps + 1, start.size), dtype)
-    basis = basis.at[0].set(start / jnp.linalg.norm(start))
+    batched_matvec = jax.vmap(matvec)
+    num_runs, size = starts.shape
+    basis = jnp.zeros((num_runs, num_steps + 1, size), dtype)
+    basis = basis.at[:, 0].set(starts / jnp.linalg.norm(starts, axis=1, keepdims=True))
 
     def step(i, carry):
         basis, diagonal, off, alive = carry
-        q = basis[i]
-        w = matvec(q)
-        alpha = q @ w
-        size = jnp.linalg.norm(w)
-        # Classical Gram-Schmidt against every basis vector, twice.
-        w = w - (basis @ w) @ basis
-        w = w - (basis @ w) @ basis
-        beta = jnp.linalg.norm(w)
+        q = basis[:, i]
+        w = batched_matvec(q)
+        alpha = jnp.sum(q * w, axis=1)
+        size = jnp.linalg.norm(w, axis=1)
+        # The three-term recurrence, then one classical Gram-Schmidt pass against
+        # the whole basis (rows not reached yet are zero).
+        previous = basis[:, jnp.maximum(i - 1, 0)]
+        w = w - alpha[:, None] * q - off[jnp.maximum(i - 1, 0)][:, None] * previous
+        w = w - jnp.einsum("sk,skp->sp", jnp.einsum("skp,sp->sk", basis, w), basis)
+        beta = jnp.linalg.norm(w, axis=1)
         broken = ~alive | (beta <= 100 * eps * size)
-        basis = basis.at[i + 1].set(
-            jnp.where(broken, 0, w / jnp.where(broken, 1, beta))
-        )
+        scale = jnp.where(broken, 0, 1 / jnp.where(broken, 1, beta))
+        basis = basis.at[:, i + 1].set(w * scale[:, None])
         diagonal = diagonal.at[i].set(jnp.where(alive, alpha, 1))
         off = off.at[i].set(jnp.where(broken, 0, beta))
         return basis, diagonal, off, ~broken
 
-    init = (basis, jnp.zeros(num_steps, dtype), jnp.zeros(num_steps, dtype), True)
-    basis, diagonal, off, _ = lax.fori_loop(0, num_steps, step, init)
-    return basis[:num_steps], diagonal, off[: num_steps - 1]
+    zeros = jnp.zeros((num_steps, num_runs), dtype)
+    alive = jnp.ones(num_runs, bool)
+    basis, diagonal, off, _ = lax.fori_loop(
+        0, num_steps, step, (basis, zeros, zeros, alive)
+    )
+    return basis[:, :num_steps], diagonal.T, off[: num_steps - 1].T
 
 
 def _slq_logdet(
@@ -189,20 +214,23 @@ def _slq_logdet(
     def preconditioned_mv(v):
         return v + scale * curvature_mv(scale * v)
 
-    def one_probe(v):
-        basis, alphas, betas = _lanczos(preconditioned_mv, v, num_steps)
+    basis, alphas, betas = _lanczos(preconditioned_mv, probes, num_steps)
+
+    def quadrature(alphas, betas):
         tridiagonal = jnp.diag(alphas) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
         theta, vectors = jnp.linalg.eigh(tridiagonal)
         theta = jnp.maximum(theta, jnp.finfo(theta.dtype).tiny)
         first = vectors[0]
-        norm2 = v @ v
-        quadratic_form = norm2 * jnp.sum(first**2 * jnp.log(theta))
-        solution = jnp.sqrt(norm2) * ((vectors @ (first / theta)) @ basis)
-        return quadratic_form, v * solution
+        # e_1^T log(T) e_1 and T^{-1} e_1
+        return jnp.sum(first**2 * jnp.log(theta)), vectors @ (first / theta)
 
-    quadratic_forms, diagonal_terms = jax.vmap(one_probe)(probes)
-    estimate = jnp.sum(jnp.log(diagonal)) + jnp.mean(quadratic_forms)
-    inverse_diagonal = jnp.mean(diagonal_terms, axis=0) / diagonal
+    log_forms, inverse_first = jax.vmap(quadrature)(alphas, betas)
+    norm2 = jnp.sum(probes**2, axis=1)
+    solutions = jnp.sqrt(norm2)[:, None] * jnp.einsum(
+        "sk,skp->sp", inverse_first, basis
+    )
+    estimate = jnp.sum(jnp.log(diagonal)) + jnp.mean(norm2 * log_forms)
+    inverse_diagonal = jnp.mean(probes * solutions, axis=0) / diagonal
     # Value: the estimate. Gradient in `d`: the estimate of diag(P^{-1}).
     return lax.stop_gradient(estimate) + (prior_diagonal - diagonal) @ (
         lax.stop_gradient(inverse_diagonal)
@@ -304,6 +332,10 @@ class LaplacePosterior(eqx.Module):
       `PriorPrecision(mean, ·)` accepts (a scalar, one scalar per params leaf, a
       params-shaped pytree).
     - `mean`: `θ*`, a params pytree with the curvature's structure and dtypes.
+
+    The methods trace their matrix products at full float32 precision
+    (`jax.default_matmul_precision("highest")`): with TF32, the GPU default, CG
+    stalls short of its tolerance. `precision` itself carries no such setting.
     """
 
     curvature: lx.AbstractLinearOperator
@@ -340,6 +372,7 @@ class LaplacePosterior(eqx.Module):
         """`P = C + Λ`, symmetric PSD for lineax: `CG` and `Cholesky` accept it."""
         return self.curvature + self.prior
 
+    @_full_precision
     def solve(
         self,
         vector: PyTree[Float[Array, "..."]],
@@ -358,6 +391,7 @@ class LaplacePosterior(eqx.Module):
             solver = _default_solver(self.curvature.in_structure())
         return lx.linear_solve(self.precision, vector, solver).value
 
+    @_full_precision
     def sample(
         self,
         key: PRNGKeyArray,
@@ -416,6 +450,7 @@ class LaplacePosterior(eqx.Module):
 
         return jax.vmap(one_sample)(prior_noise, coefficients)
 
+    @_full_precision
     def logdet(
         self,
         method: LogdetMethod = "auto",
@@ -449,6 +484,7 @@ class LaplacePosterior(eqx.Module):
         )
         return logdet(_ravel(self.prior.full_diagonal()))
 
+    @_full_precision
     def log_marginal_likelihood(
         self,
         log_likelihood: Float[ArrayLike, ""],
@@ -482,6 +518,7 @@ class LaplacePosterior(eqx.Module):
             log_likelihood, _ravel(self.mean), prior_diagonal, logdet(prior_diagonal)
         )
 
+    @_full_precision
     def predictive(
         self,
         model_fn: Callable,
@@ -686,6 +723,7 @@ def _grid(
     return log_grid[jnp.argmax(values)][None]
 
 
+@_full_precision
 def optimize_prior_precision(
     curvature: lx.AbstractLinearOperator,
     mean: PyTree[Float[ArrayLike, "..."]],
