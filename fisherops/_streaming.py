@@ -28,17 +28,36 @@ from ._operators import (
 Batches = Iterable[Data] | Callable[[], Iterator[Data]]
 
 
-class _Identity:
-    """Wraps an object so that `jit` hashes it by identity (a static argument)."""
+class _NoData:
+    """Stands in for a template operator's data: each batch brings its own."""
 
-    def __init__(self, value):
-        self.value = value
+
+_NO_DATA = _NoData()
+
+
+class _Static:
+    """The non-array part of an operator: a static argument of `jit`.
+
+    Compared by value (its pytree structure and leaves), like `eqx.filter_jit`
+    does, so a new operator of the same kind and shapes reuses the compilation.
+    """
+
+    def __init__(self, tree: PyTree):
+        self.tree = tree
+        leaves, treedef = jtu.tree_flatten(tree)
+        self.key = (treedef, tuple(leaves))
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and self.key == other.key
 
 
 @ft.partial(jax.jit, static_argnums=(0, 1))
 def _accumulate(static, method, dynamic, data, first_index, args, total):
     """`total + getattr(C_b, method)(*args)`, `C_b` the template holding batch `b`."""
-    operator = eqx.combine(dynamic, static.value)
+    operator = eqx.combine(dynamic, static.tree)
     operator = eqx.tree_at(lambda op: op.data, operator, data)
     if isinstance(operator, MCFisherOperator):
         index = jnp.asarray(first_index, operator.first_index.dtype)
@@ -55,11 +74,11 @@ class _Template:
     """
 
     def __init__(self, operator: AbstractCurvatureOperator):
-        hollow = eqx.tree_at(lambda op: op.data, operator, _Identity(None))
+        hollow = eqx.tree_at(lambda op: op.data, operator, _NO_DATA)
         dynamic, static = eqx.partition(hollow, eqx.is_array)
         self.operator = operator
         self.dynamic = dynamic
-        self.static = _Identity(static)
+        self.static = _Static(static)
         self.zeros: dict[str, PyTree[Array]] = {}
 
     def accumulate(self, method, data, first_index, args, total):
