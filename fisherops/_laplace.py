@@ -84,13 +84,11 @@ def _check_method(name: str, value, allowed: tuple[str, ...]) -> str:
 
 
 def _check_scalar(name: str, value) -> Array:
-    if not eqx.is_array_like(value) or jnp.ndim(value) != 0:
+    if not (eqx.is_array_like(value) and jnp.ndim(value) == 0):
+        shape = f" of shape {jnp.shape(value)}" if eqx.is_array_like(value) else ""
         raise ValueError(
             f"{name} must be a scalar (a float or a 0-d array); got "
-            f"{type(value).__name__} of shape {jnp.shape(value)}."
-            if eqx.is_array_like(value)
-            else f"{name} must be a scalar (a float or a 0-d array); got "
-            f"{type(value).__name__}."
+            f"{type(value).__name__}{shape}."
         )
     return jnp.asarray(value)
 
