@@ -22,6 +22,15 @@ Params = PyTree[Float[Array, "..."]]
 Loss = "str | Callable | AbstractLikelihood | None"
 
 
+def _plain_function(operator) -> Callable[[Params], Params]:
+    # A plain function, not the bound method: `jax.jit(mv)` hashes its callable,
+    # and an operator holding dicts of arrays cannot be hashed.
+    def mv(vector: Params) -> Params:
+        return operator.mv(vector)
+
+    return mv
+
+
 def create_empirical_fisher_mv(
     model_fn: ModelFn,
     params: Params,
@@ -38,7 +47,7 @@ def create_empirical_fisher_mv(
 
     The `mv` of [`fisherops.EmpiricalFisherOperator`][] (same arguments).
     """
-    return EmpiricalFisherOperator(
+    operator = EmpiricalFisherOperator(
         model_fn,
         params,
         data,
@@ -48,7 +57,8 @@ def create_empirical_fisher_mv(
         vmap_over_data=vmap_over_data,
         loss_grad_fn=loss_grad_fn,
         chunk_size=chunk_size,
-    ).mv
+    )
+    return _plain_function(operator)
 
 
 def create_empirical_fisher_mv_without_data(
@@ -117,7 +127,7 @@ def create_MC_fisher_mv(
 
     The `mv` of [`fisherops.MCFisherOperator`][] (same arguments).
     """
-    return MCFisherOperator(
+    operator = MCFisherOperator(
         model_fn,
         params,
         data,
@@ -128,7 +138,8 @@ def create_MC_fisher_mv(
         vmap_over_data=vmap_over_data,
         mc_samples=mc_samples,
         chunk_size=chunk_size,
-    ).mv
+    )
+    return _plain_function(operator)
 
 
 def create_MC_fisher_mv_without_data(
