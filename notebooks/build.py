@@ -187,7 +187,12 @@ bands = {}
 for name, curvature in curvatures.items():
     start = time.perf_counter()
     prior = fisherops.optimize_prior_precision(
-        curvature, params, log_likelihood, init=prior_precision
+        curvature,
+        params,
+        log_likelihood,
+        init=prior_precision,
+        num_steps=30,
+        learning_rate=0.3,
     )
     posterior = fisherops.LaplacePosterior(curvature, prior, params)
     mean, variance = posterior.predictive(mlp, grid)
