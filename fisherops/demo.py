@@ -164,8 +164,19 @@ def train_map(
 # --------------------------------------------------------------------------- #
 
 
-def _bins(confidence: np.ndarray, num_bins: int) -> np.ndarray:
-    return np.minimum((confidence * num_bins).astype(int), num_bins - 1)
+def _reliability(
+    probs: Float[Array, "N C"], labels: Int[Array, " N"], num_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin of top-class probability: the count, the correct and the confidence
+    sums, over `num_bins` equal-width bins of `[0, 1]`."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
+    return tuple(
+        np.bincount(bins, weights, minlength=num_bins)
+        for weights in (None, correct, confidence)
+    )
 
 
 def calibration(
@@ -176,21 +187,13 @@ def calibration(
     `ECE = sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)|` over `num_bins`
     equal-width bins of the top-class probability.
     """
+    counts, correct, confidence = _reliability(probs, labels, num_bins)
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    bins = _bins(confidence, num_bins)
-    counts = np.bincount(bins, minlength=num_bins)
-    gap = np.abs(
-        np.bincount(bins, correct, minlength=num_bins)
-        - np.bincount(bins, confidence, minlength=num_bins)
-    )
+    label_probs = probs[np.arange(labels.size), labels]
     return {
-        "accuracy": float(correct.mean()),
-        "nll": float(
-            -np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)))
-        ),
-        "ece": float(gap.sum() / counts.sum()),
+        "accuracy": float(correct.sum() / counts.sum()),
+        "nll": float(-np.mean(np.log(np.maximum(label_probs, 1e-12)))),
+        "ece": float(np.abs(correct - confidence).sum() / counts.sum()),
     }
 
 
@@ -205,33 +208,27 @@ def reliability_diagram(
     `predictions` maps a method's name to its class probabilities. Returns the
     matplotlib figure; saves it to `path` (a PNG) when given.
     """
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = np.asarray(labels)
-    edges = np.linspace(0, 1, num_bins + 1)
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
     left.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
     for name, probs in predictions.items():
-        probs = np.asarray(probs, np.float64)
-        confidence = probs.max(axis=1)
-        correct = probs.argmax(axis=1) == labels
-        bins = _bins(confidence, num_bins)
-        counts = np.bincount(bins, minlength=num_bins)
+        counts, correct, confidence = _reliability(probs, labels, num_bins)
         filled = counts > 0
-        accuracy = np.bincount(bins, correct, minlength=num_bins)[filled]
-        mean_confidence = np.bincount(bins, confidence, minlength=num_bins)[filled]
         ece = calibration(probs, labels, num_bins)["ece"]
         left.plot(
-            mean_confidence / counts[filled],
-            accuracy / counts[filled],
+            confidence[filled] / counts[filled],
+            correct[filled] / counts[filled],
             "o-",
             label=f"{name} (ECE {ece:.3f})",
         )
-        right.hist(confidence, bins=edges, histtype="step", linewidth=1.5, label=name)
+        right.hist(
+            np.asarray(probs).max(axis=1),
+            bins=np.linspace(0, 1, num_bins + 1),
+            histtype="step",
+            linewidth=1.5,
+            label=name,
+        )
     left.set(
         xlabel="confidence (top-class probability)",
         ylabel="accuracy",
@@ -382,9 +379,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print("timings (s, including compilation):")
     for name, seconds in timings.items():
-        print(f"  {name:<32}{seconds:6.1f}")
+        print(f"  {name:<40}{seconds:6.1f}")
 
     if _has("matplotlib"):
+        import matplotlib
+
+        matplotlib.use("Agg")
         reliability_diagram(predictions, y_test, args.out)
         print(f"\nreliability diagram written to {args.out}")
     else:
