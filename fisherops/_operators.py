@@ -432,8 +432,11 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
         else:
             model = _core.batched_model(operator.model_fn, operator.vmap_over_data)
 
+            num_data, *shape = self.factors.shape
+
             def on_chunk(data, indices, weights):
                 inputs, factors = data
+                factors = factors.reshape(-1, *shape)
 
                 def scaled(outputs):
                     del outputs
@@ -441,9 +444,11 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
 
                 return _core.batch_mv(model, operator.params, inputs, scaled, vector)
 
+            # The factors travel as `(N, O K)`: XLA copies an `(N, O, 1)` array
+            # (for its layout) on every `mv`.
             total = _core.chunked_sum(
                 on_chunk,
-                (operator.data[0], self.factors),
+                (operator.data[0], self.factors.reshape(num_data, -1)),
                 operator.num_data,
                 operator.chunk_size,
             )
