@@ -138,8 +138,8 @@ class _CrossEntropy(AbstractLikelihood):
 
     def sample(self, key, output):
         # Inverse CDF: one uniform per draw, where `jax.random.categorical` (the
-        # Gumbel trick) draws one per class; the rounding up to `C - 1` covers a
-        # float CDF that ends just below 1.
+        # Gumbel trick) draws one per class. The clamp to `C - 1` covers a float
+        # CDF that ends just below 1.
         cdf = jnp.cumsum(jax.nn.softmax(output))
         uniform = jax.random.uniform(key, (), cdf.dtype)
         return jnp.minimum(jnp.sum(cdf <= uniform), output.shape[-1] - 1)
