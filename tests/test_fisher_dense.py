@@ -66,7 +66,24 @@ def test_matches_dense(kind, loss, target_kind, vmap_over_data, chunk_size):
         vmap_over_data=vmap_over_data,
         chunk_size=chunk_size,
     )
-    check_operator(op, dense_default(kind, loss, target_kind), PARAMS)
+    expected = dense_default(kind, loss, target_kind)
+    check_operator(op, expected, PARAMS, full=chunk_size is None)
+
+
+@pytest.mark.parametrize("vmap_over_data", [True, False], ids=["vmap", "batched"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_linearise_and_diagonal(kind, vmap_over_data):
+    """The chunked paths of linearise() and the diagonal, on (N,) integer labels."""
+    op = build(
+        kind,
+        model_for(vmap_over_data),
+        PARAMS,
+        make_data("labels"),
+        "cross_entropy",
+        vmap_over_data=vmap_over_data,
+        chunk_size=2,
+    )
+    check_operator(op, dense_default(kind, "cross_entropy", "labels"), PARAMS)
 
 
 @pytest.mark.parametrize(("loss", "target_kind"), LOSS_TARGETS, ids=LOSS_TARGET_IDS)
@@ -127,7 +144,8 @@ def test_callable_loss(vmap_over_data, chunk_size):
         vmap_over_data=vmap_over_data,
         chunk_size=chunk_size,
     )
-    check_operator(op, dense("empirical", PARAMS, data, "quartic"), PARAMS)
+    expected = dense("empirical", PARAMS, data, "quartic")
+    check_operator(op, expected, PARAMS, full=chunk_size is None)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2], ids=["unchunked", "chunk2"])
@@ -144,7 +162,8 @@ def test_loss_grad_fn(vmap_over_data, chunk_size):
         loss_grad_fn=guard(quartic_grad),
         chunk_size=chunk_size,
     )
-    check_operator(op, dense("empirical", PARAMS, data, "quartic"), PARAMS)
+    expected = dense("empirical", PARAMS, data, "quartic")
+    check_operator(op, expected, PARAMS, full=chunk_size is None)
 
 
 def test_loss_grad_fn_is_scaled():

@@ -127,7 +127,13 @@ def test_mc_fisher_mv_scaling():
     data = make_data("labels")
     plain = fo.create_MC_fisher_mv(mlp, PARAMS, data, "cross_entropy", KEY)
     scaled = fo.create_MC_fisher_mv(
-        mlp, PARAMS, data, "cross_entropy", KEY, num_curv_samples=4, num_total_samples=10
+        mlp,
+        PARAMS,
+        data,
+        "cross_entropy",
+        KEY,
+        num_curv_samples=4,
+        num_total_samples=10,
     )
     assert_close(flat(scaled(VECTOR)), 2.5 * flat(plain(VECTOR)))
 
@@ -136,7 +142,11 @@ def test_mc_fisher_mv_scaling():
 @pytest.mark.parametrize("vmap_over_data", [True, False], ids=["vmap", "batched"])
 @pytest.mark.parametrize(
     ("loss", "target_kind"),
-    [("mse", "vector"), ("cross_entropy", "labels"), ("binary_cross_entropy", "binary")],
+    [
+        ("mse", "vector"),
+        ("cross_entropy", "labels"),
+        ("binary_cross_entropy", "binary"),
+    ],
 )
 def test_mc_fisher_mv_without_data(loss, target_kind, vmap_over_data, mc_samples):
     """mv(v, data) = factor * (the MC operator on that data with the same key)."""
@@ -148,7 +158,9 @@ def test_mc_fisher_mv_without_data(loss, target_kind, vmap_over_data, mc_samples
     product = mv(VECTOR, data)
     assert_like_params(product, PARAMS)
     assert_close(flat(product), 0.7 * flat(op.mv(VECTOR)))
-    unit = fo.create_MC_fisher_mv_without_data(model_fn, PARAMS, loss, KEY, 1.0, **kwargs)
+    unit = fo.create_MC_fisher_mv_without_data(
+        model_fn, PARAMS, loss, KEY, 1.0, **kwargs
+    )
     assert_close(flat(product), 0.7 * flat(unit(VECTOR, data)))
 
 

@@ -89,7 +89,11 @@ def test_from_equinox_mlp():
 
 @pytest.mark.parametrize(
     ("loss", "target_kind"),
-    [("cross_entropy", "labels"), ("mse", "vector"), ("binary_cross_entropy", "binary")],
+    [
+        ("cross_entropy", "labels"),
+        ("mse", "vector"),
+        ("binary_cross_entropy", "binary"),
+    ],
 )
 def test_equinox_mlp_operators_match_dense(loss, target_kind):
     model_fn, params = fo.from_equinox(equinox_mlp())
@@ -270,7 +274,9 @@ def test_gaussian_likelihood(with_grad, vmap_over_data):
     def ggn_term(f, n):
         return jnp.eye(f.shape[0]) / SIGMA**2
 
-    ef = fo.EmpiricalFisherOperator(mlp, params, (inputs, targets), likelihood, **kwargs)
+    ef = fo.EmpiricalFisherOperator(
+        mlp, params, (inputs, targets), likelihood, **kwargs
+    )
     check_operator(ef, dense_from_output_terms(mlp, params, inputs, ef_term), params)
     ggn = fo.GGNOperator(mlp, params, (inputs, targets), likelihood, **kwargs)
     check_operator(ggn, dense_from_output_terms(mlp, params, inputs, ggn_term), params)
@@ -315,7 +321,9 @@ def test_likelihood_with_scalar_targets_and_thin_hessian_factor(vmap_over_data):
     ggn = fo.GGNOperator(mlp, params, data, likelihood, **kwargs)
     expected = dense_from_output_terms(mlp, params, inputs, lambda f, n: ones)
     check_operator(ggn, expected, params)
-    assert np.linalg.matrix_rank(np.asarray(ggn.as_matrix()), tol=1e-8) <= inputs.shape[0]
+    assert (
+        np.linalg.matrix_rank(np.asarray(ggn.as_matrix()), tol=1e-8) <= inputs.shape[0]
+    )
 
     mc = fo.MCFisherOperator(mlp, params, data, likelihood, KEY, mc_samples=3, **kwargs)
     reference = fo.MCFisherOperator(mlp, params, data, likelihood, KEY, mc_samples=3)
@@ -326,7 +334,9 @@ def test_scalar_target_likelihood_mc_is_unbiased():
     params = init_params()
     inputs = make_inputs()
     targets = jnp.zeros((inputs.shape[0],))
-    estimate = mc_mean_over_keys(mlp, params, (inputs, targets), sum_likelihood(), 1, 2000)
+    estimate = mc_mean_over_keys(
+        mlp, params, (inputs, targets), sum_likelihood(), 1, 2000
+    )
     exact = dense_from_output_terms(
         mlp, params, inputs, lambda f, n: jnp.ones((N_OUT, N_OUT))
     )
