@@ -294,7 +294,8 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
         """The exact diagonal `factor * sum_{n,k} (J_n^T B_n)_{:,k}^2`, flattened.
 
         The squared rows are accumulated chunk by chunk, elementwise, in a buffer
-        of about `_ROWS_BYTES`; only then are its rows summed.
+        of about `_ROWS_BYTES` (CPU) or `_ACCELERATOR_ROWS_BYTES`; only then are its
+        rows summed.
         """
         squares = self._per_datum_sum(
             ft.partial(jtu.tree_map, jnp.square), self._rows_chunk_size()
@@ -336,7 +337,9 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
         row_bytes = self._num_columns() * sum(
             leaf.size * leaf.dtype.itemsize for leaf in jtu.tree_leaves(self.params)
         )
-        size = max(1, _ROWS_BYTES // row_bytes)
+        cpu = jax.default_backend() == "cpu"
+        budget = _ROWS_BYTES if cpu else _ACCELERATOR_ROWS_BYTES
+        size = max(1, budget // row_bytes)
         if self.chunk_size is not None:
             size = min(size, self.chunk_size)
         return _core.layout_chunk_size(self.num_data, size)
@@ -368,9 +371,11 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
         return _core.chunked_sum(on_chunk, self.data, self.num_data, chunk_size)
 
 
-# Per-datum gradients are computed in chunks of about this many bytes: small enough
-# to stay in cache, large enough for a few data points per chunk.
+# Per-datum gradients are computed in chunks of about this many bytes: on a CPU,
+# small enough to stay in cache; on an accelerator, large enough that the scan over
+# the chunks takes few steps (each step costs kernel launches).
 _ROWS_BYTES = 2**22
+_ACCELERATOR_ROWS_BYTES = 2**28
 
 
 def _sum_rows(leaf: Float[Array, "n K ..."]) -> Float[Array, "..."]:
