@@ -159,7 +159,8 @@ def main():
         ratio = results[chunked_label][product][0] / max(
             results[base_label][product][0], 1
         )
-        print(f"| {product:<20} | " + " | ".join(cells) + f" | {ratio:15.2f} |")
+        ratio = "-" if product.startswith("grad") else f"{ratio:.2f}"
+        print(f"| {product:<20} | " + " | ".join(cells) + f" | {ratio:>15} |")
     print("\ncells: temp MiB (args MiB); the ratio compares temp.")
 
 
