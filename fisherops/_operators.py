@@ -32,6 +32,7 @@ from ._likelihoods import (
     has_hessian_factor,
     has_sampler,
 )
+from ._queries import register_symmetric_psd
 from ._sharding import check_chunking
 
 Data = dict[str, Any] | tuple[Any, Any]
@@ -850,18 +851,4 @@ def _(operator):
     return operator
 
 
-for _query, _answer in (
-    (lx.is_symmetric, True),
-    (lx.is_positive_semidefinite, True),
-    (lx.is_negative_semidefinite, False),
-    (lx.is_diagonal, False),
-    (lx.is_tridiagonal, False),
-    (lx.has_unit_diagonal, False),
-    (lx.is_lower_triangular, False),
-    (lx.is_upper_triangular, False),
-):
-
-    @_query.register(AbstractCurvatureOperator)
-    @_query.register(LinearisedCurvatureOperator)
-    def _(operator, _answer=_answer):
-        return _answer
+register_symmetric_psd(AbstractCurvatureOperator, LinearisedCurvatureOperator)

@@ -9,6 +9,8 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
+from ._queries import register_symmetric_psd
+
 
 def _is_scalar(x) -> bool:
     return eqx.is_array_like(x) and jnp.ndim(x) == 0
@@ -123,20 +125,7 @@ def _(operator):
     return operator
 
 
-for _query, _answer in (
-    (lx.is_symmetric, True),
-    (lx.is_positive_semidefinite, True),
-    (lx.is_negative_semidefinite, False),
-    (lx.is_diagonal, True),
-    (lx.is_tridiagonal, True),
-    (lx.has_unit_diagonal, False),
-    (lx.is_lower_triangular, True),
-    (lx.is_upper_triangular, True),
-):
-
-    @_query.register(PriorPrecision)
-    def _(operator, _answer=_answer):
-        return _answer
+register_symmetric_psd(PriorPrecision, diagonal=True)
 
 
 def scale(

@@ -24,6 +24,7 @@ from ._operators import (
     _split_data,
     _structure,
 )
+from ._queries import register_symmetric_psd
 
 Batches = Iterable[Data] | Callable[[], Iterator[Data]]
 
@@ -296,17 +297,4 @@ lx.tridiagonal.register(StreamedOperator)(
 )
 
 
-for _query, _answer in (
-    (lx.is_symmetric, True),
-    (lx.is_positive_semidefinite, True),
-    (lx.is_negative_semidefinite, False),
-    (lx.is_diagonal, False),
-    (lx.is_tridiagonal, False),
-    (lx.has_unit_diagonal, False),
-    (lx.is_lower_triangular, False),
-    (lx.is_upper_triangular, False),
-):
-
-    @_query.register(StreamedOperator)
-    def _(operator, _answer=_answer):
-        return _answer
+register_symmetric_psd(StreamedOperator)

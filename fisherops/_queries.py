@@ -1,0 +1,24 @@
+"""lineax's structural queries, answered once for every fisherops operator."""
+
+import lineax as lx
+
+
+def register_symmetric_psd(*classes: type, diagonal: bool = False) -> None:
+    """Register `classes` as symmetric positive semidefinite for lineax.
+
+    With `diagonal=True` they are also diagonal (hence tridiagonal and
+    triangular); otherwise they have none of those structures.
+    """
+    answers = (
+        (lx.is_symmetric, True),
+        (lx.is_positive_semidefinite, True),
+        (lx.is_negative_semidefinite, False),
+        (lx.is_diagonal, diagonal),
+        (lx.is_tridiagonal, diagonal),
+        (lx.has_unit_diagonal, False),
+        (lx.is_lower_triangular, diagonal),
+        (lx.is_upper_triangular, diagonal),
+    )
+    for query, answer in answers:
+        for cls in classes:
+            query.register(cls)(lambda operator, answer=answer: answer)
