@@ -313,4 +313,3 @@ def has_hessian_factor(likelihood: AbstractLikelihood) -> bool:
     return not (
         isinstance(likelihood, Likelihood) and likelihood.hessian_factor_fn is None
     )
-
