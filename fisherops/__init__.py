@@ -1,5 +1,6 @@
 """Fisher information matrices of JAX networks as lineax linear operators."""
 
+from ._evidence import optimize_prior_precision as optimize_prior_precision
 from ._functional import (
     create_empirical_fisher_mv as create_empirical_fisher_mv,
 )
@@ -12,9 +13,6 @@ from ._functional import (
 from ._functional import (
     create_MC_fisher_mv_without_data as create_MC_fisher_mv_without_data,
 )
-from ._laplace import LaplacePosterior as LaplacePosterior
-from ._laplace import optimize_prior_precision as optimize_prior_precision
-from ._laplace import probit as probit
 from ._likelihoods import AbstractLikelihood as AbstractLikelihood
 from ._likelihoods import Likelihood as Likelihood
 from ._models import from_equinox as from_equinox
@@ -24,6 +22,8 @@ from ._operators import EmpiricalFisherOperator as EmpiricalFisherOperator
 from ._operators import GGNOperator as GGNOperator
 from ._operators import LinearisedCurvatureOperator as LinearisedCurvatureOperator
 from ._operators import MCFisherOperator as MCFisherOperator
+from ._posterior import LaplacePosterior as LaplacePosterior
+from ._posterior import probit as probit
 from ._priors import PriorPrecision as PriorPrecision
 from ._priors import scale as scale
 from ._sharding import shard_data as shard_data
