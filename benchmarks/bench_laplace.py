@@ -107,12 +107,12 @@ def cg_steps(problem: Problem, prior: float, params, inputs, targets, key):
         flat, unravel = jax.flatten_util.ravel_pytree(params)
         noise = jax.random.normal(key_prior, flat.shape, flat.dtype)
         coefficients = jax.random.normal(
-            key_curvature, curvature.factor_shape(), flat.dtype
+            key_curvature, curvature.sqrt_shape(), flat.dtype
         )
         rhs = jax.tree_util.tree_map(
             lambda a, b: jnp.sqrt(prior) * a + b,
             unravel(noise),
-            curvature.factor_mv(coefficients),
+            curvature.sqrt_mv(coefficients),
         )
         tolerance = float(np.sqrt(np.finfo(flat.dtype).eps))
         solution = lx.linear_solve(

@@ -218,13 +218,13 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
     model_fn: eqx.AbstractVar[ModelFn]
     params: eqx.AbstractVar[PyTree[Float[Array, "..."]]]
     data: eqx.AbstractVar[tuple[PyTree, PyTree]]
-    factor: eqx.AbstractVar[Float[Array, ""]]
+    scale: eqx.AbstractVar[Float[Array, ""]]
     num_data: eqx.AbstractVar[int]
     vmap_over_data: eqx.AbstractVar[bool]
     chunk_size: eqx.AbstractVar[int | None]
 
     @abc.abstractmethod
-    def _output_factors(
+    def _likelihood_factors(
         self, outputs: Array, targets: PyTree, indices: Int[Array, " n"]
     ) -> Float[Array, "n O K"]:
         """`B_n` for a batch of outputs `(n, *O)`, their targets and data indices."""
@@ -237,21 +237,21 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
             inputs, targets = data
 
             def factors(outputs):
-                scaled = self._output_factors(outputs, targets, indices)
+                scaled = self._likelihood_factors(outputs, targets, indices)
                 return scaled * weights[:, None, None].astype(scaled.dtype)
 
             return _core.batch_mv(model, self.params, inputs, factors, vector)
 
         total = _core.chunked_sum(on_chunk, self.data, self.num_data, self.chunk_size)
-        return _scale(total, self.factor)
+        return _scale(total, self.scale)
 
-    def factor_mv(
+    def sqrt_mv(
         self, coefficients: Float[Array, "N K"]
     ) -> PyTree[Float[Array, "..."]]:
         """`A e` for the square-root factor `A` of this operator (`A A^T = C`).
 
         `A = sqrt(factor) [J_1^T B_1, ..., J_N^T B_N]` maps `e` of shape
-        `(N, K)` (see `factor_shape`) to a params-shaped pytree. With `e` standard
+        `(N, K)` (see `sqrt_shape`) to a params-shaped pytree. With `e` standard
         normal, `A e ~ N(0, C)`: the curvature part of an exact posterior sample.
         """
         model = _core.batched_model(self.model_fn, self.vmap_over_data)
@@ -260,20 +260,20 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
             (inputs, targets), chunk_coefficients = data
 
             def factors(outputs):
-                scaled = self._output_factors(outputs, targets, indices)
+                scaled = self._likelihood_factors(outputs, targets, indices)
                 return scaled * weights[:, None, None].astype(scaled.dtype)
 
-            return _core.batch_factor_mv(
+            return _core.batch_sqrt_mv(
                 model, self.params, inputs, factors, chunk_coefficients
             )
 
         total = _core.chunked_sum(
             on_chunk, (self.data, coefficients), self.num_data, self.chunk_size
         )
-        return _scale(total, jnp.sqrt(self.factor))
+        return _scale(total, jnp.sqrt(self.scale))
 
-    def factor_shape(self) -> tuple[int, int]:
-        """`(N, K)`: the shape of the coefficients `factor_mv` takes."""
+    def sqrt_shape(self) -> tuple[int, int]:
+        """`(N, K)`: the shape of the coefficients `sqrt_mv` takes."""
         return (self.num_data, self._num_columns())
 
     def as_matrix(self) -> Float[Array, "P P"]:
@@ -288,7 +288,7 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
                 return flat.T @ flat
 
             gram = self._per_datum_sum(gram, self.chunk_size)
-            return gram * self.factor.astype(gram.dtype)
+            return gram * self.scale.astype(gram.dtype)
         return _dense_from_mv(self.linearise())
 
     def diagonal(self) -> Float[Array, " P"]:
@@ -302,7 +302,7 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
             ft.partial(jtu.tree_map, jnp.square), self._rows_chunk_size()
         )
         diag = jfu.ravel_pytree(jtu.tree_map(_sum_rows, squares))[0]
-        return diag * self.factor.astype(diag.dtype)
+        return diag * self.scale.astype(diag.dtype)
 
     def linearise(self) -> "LinearisedCurvatureOperator":
         """Do the primal work once: the forward pass and the factors `B_n`.
@@ -327,7 +327,7 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
         inputs, targets = jtu.tree_map(lambda leaf: leaf[:1], self.data)
         model = _core.batched_model(self.model_fn, self.vmap_over_data)
         shape = jax.eval_shape(
-            lambda: self._output_factors(
+            lambda: self._likelihood_factors(
                 model(inputs, self.params), targets, jnp.zeros(1, int)
             )
         ).shape
@@ -359,7 +359,7 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
                 inputs,
                 targets,
                 indices,
-                self._output_factors,
+                self._likelihood_factors,
             )
 
             def weigh(row):
@@ -403,7 +403,7 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
     """A curvature operator with its primal work done: see `linearise()`."""
 
     operator: AbstractCurvatureOperator
-    factors: Float[Array, "N O K"]
+    likelihood_factors: Float[Array, "N O K"]
     jvp_fn: Callable | None
 
     def __init__(self, operator: AbstractCurvatureOperator):
@@ -414,7 +414,7 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
             outputs, self.jvp_fn = jax.linearize(
                 lambda p: model(inputs, p), operator.params
             )
-            self.factors = operator._output_factors(
+            self.likelihood_factors = operator._likelihood_factors(
                 outputs, targets, jnp.arange(operator.num_data)
             )
         else:
@@ -422,9 +422,9 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
 
             def on_chunk(data, indices):
                 outputs = model(data[0], operator.params)
-                return operator._output_factors(outputs, data[1], indices)
+                return operator._likelihood_factors(outputs, data[1], indices)
 
-            self.factors = _core.chunked_map(
+            self.likelihood_factors = _core.chunked_map(
                 on_chunk, operator.data, operator.num_data, operator.chunk_size
             )
 
@@ -433,12 +433,12 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
         operator = self.operator
         if self.jvp_fn is not None:
             total = _core.linearised_mv(
-                self.jvp_fn, operator.params, self.factors, vector
+                self.jvp_fn, operator.params, self.likelihood_factors, vector
             )
         else:
             model = _core.batched_model(operator.model_fn, operator.vmap_over_data)
 
-            num_data, *shape = self.factors.shape
+            num_data, *shape = self.likelihood_factors.shape
 
             def on_chunk(data, indices, weights):
                 inputs, factors = data
@@ -454,28 +454,28 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
             # (for its layout) on every `mv`.
             total = _core.chunked_sum(
                 on_chunk,
-                (operator.data[0], self.factors.reshape(num_data, -1)),
+                (operator.data[0], self.likelihood_factors.reshape(num_data, -1)),
                 operator.num_data,
                 operator.chunk_size,
             )
-        return _scale(total, operator.factor)
+        return _scale(total, operator.scale)
 
-    def factor_mv(self, coefficients: Float[Array, "N K"]) -> PyTree:
-        """As `AbstractCurvatureOperator.factor_mv`, with the stored factors."""
+    def sqrt_mv(self, coefficients: Float[Array, "N K"]) -> PyTree:
+        """As `AbstractCurvatureOperator.sqrt_mv`, with the stored factors."""
         operator = self.operator
         if self.jvp_fn is None:
-            return operator.factor_mv(coefficients)
+            return operator.sqrt_mv(coefficients)
         (total,) = jax.linear_transpose(self.jvp_fn, operator.params)(
             _core.weighted_outputs(
-                self.factors,
+                self.likelihood_factors,
                 coefficients,
                 jax.eval_shape(self.jvp_fn, operator.params).shape,
             )
         )
-        return _scale(total, jnp.sqrt(operator.factor))
+        return _scale(total, jnp.sqrt(operator.scale))
 
-    def factor_shape(self) -> tuple[int, int]:
-        return self.factors.shape[0], self.factors.shape[2]
+    def sqrt_shape(self) -> tuple[int, int]:
+        return self.likelihood_factors.shape[0], self.likelihood_factors.shape[2]
 
     def as_matrix(self):
         return self.operator.as_matrix()
@@ -559,7 +559,7 @@ class EmpiricalFisherOperator(AbstractCurvatureOperator):
     model_fn: ModelFn
     params: PyTree[Float[Array, "..."]]
     data: tuple[PyTree, PyTree]
-    factor: Float[Array, ""]
+    scale: Float[Array, ""]
     likelihood: AbstractLikelihood | None
     loss_grad_fn: Callable | None
     num_data: int = eqx.field(static=True)
@@ -594,13 +594,13 @@ class EmpiricalFisherOperator(AbstractCurvatureOperator):
         self.model_fn = setup.model_fn
         self.params = setup.params
         self.data = setup.data
-        self.factor = setup.factor
+        self.scale = setup.factor
         self.num_data = setup.num_data
         self.loss_grad_fn = setup.loss_grad_fn
         self.vmap_over_data = vmap_over_data
         self.chunk_size = chunk_size
 
-    def _output_factors(self, outputs, targets, indices):
+    def _likelihood_factors(self, outputs, targets, indices):
         del indices
         if self.loss_grad_fn is not None:
             grad_fn = self.loss_grad_fn
@@ -654,7 +654,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
     model_fn: ModelFn
     params: PyTree[Float[Array, "..."]]
     data: tuple[PyTree, PyTree]
-    factor: Float[Array, ""]
+    scale: Float[Array, ""]
     likelihood: AbstractLikelihood
     key: PRNGKeyArray
     first_index: Int[Array, ""]
@@ -692,7 +692,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
         self.model_fn = setup.model_fn
         self.params = setup.params
         self.data = setup.data
-        self.factor = setup.factor
+        self.scale = setup.factor
         self.num_data = setup.num_data
         self.likelihood = likelihood
         self.key = key
@@ -701,7 +701,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
         self.chunk_size = chunk_size
         self.mc_samples = int(mc_samples)
 
-    def _output_factors(self, outputs, targets, indices):
+    def _likelihood_factors(self, outputs, targets, indices):
         del targets
         likelihood = self.likelihood
         samples = jnp.arange(self.mc_samples)
@@ -736,7 +736,7 @@ class GGNOperator(AbstractCurvatureOperator):
     model_fn: ModelFn
     params: PyTree[Float[Array, "..."]]
     data: tuple[PyTree, PyTree]
-    factor: Float[Array, ""]
+    scale: Float[Array, ""]
     likelihood: AbstractLikelihood
     num_data: int = eqx.field(static=True)
     vmap_over_data: bool = eqx.field(static=True)
@@ -776,13 +776,13 @@ class GGNOperator(AbstractCurvatureOperator):
         self.model_fn = setup.model_fn
         self.params = setup.params
         self.data = setup.data
-        self.factor = setup.factor
+        self.scale = setup.factor
         self.num_data = setup.num_data
         self.likelihood = likelihood
         self.vmap_over_data = vmap_over_data
         self.chunk_size = chunk_size
 
-    def _output_factors(self, outputs, targets, indices):
+    def _likelihood_factors(self, outputs, targets, indices):
         del targets, indices
         return jax.vmap(self.likelihood.hessian_factor)(outputs).astype(outputs.dtype)
 

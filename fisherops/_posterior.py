@@ -142,9 +142,9 @@ class LaplacePosterior(eqx.Module):
         r"""`num_samples` exact draws from `N(θ*, P^{-1})`, without a `P x P` matrix.
 
         Perturb-and-solve: with `e_1 ~ N(0, I_P)` and `e_2 ~ N(0, I_{NK})`
-        (shape `curvature.factor_shape()`), `r = Λ^{1/2} e_1 + A e_2` has
+        (shape `curvature.sqrt_shape()`), `r = Λ^{1/2} e_1 + A e_2` has
         covariance `Λ + A A^T = P` (`A` the curvature's square-root factor,
-        `factor_mv`), so `θ* + P^{-1} r ~ N(θ*, P^{-1} P P^{-1}) = N(θ*, P^{-1})`.
+        `sqrt_mv`), so `θ* + P^{-1} r ~ N(θ*, P^{-1} P P^{-1}) = N(θ*, P^{-1})`.
         Each sample costs one `vjp` (`A e_2`) and one CG solve; the curvature is
         linearised once and the samples are vmapped.
 
@@ -159,10 +159,10 @@ class LaplacePosterior(eqx.Module):
         _check_key(key)
         num_samples = _check_positive_int("num_samples", num_samples)
         curvature = lx.linearise(self.curvature)
-        if not (hasattr(curvature, "factor_mv") and hasattr(curvature, "factor_shape")):
+        if not (hasattr(curvature, "sqrt_mv") and hasattr(curvature, "sqrt_shape")):
             raise TypeError(
-                "sample needs a curvature with a square-root factor (factor_mv, "
-                "factor_shape): an EmpiricalFisherOperator, MCFisherOperator or "
+                "sample needs a curvature with a square-root factor (sqrt_mv, "
+                "sqrt_shape): an EmpiricalFisherOperator, MCFisherOperator or "
                 f"GGNOperator; got {type(self.curvature).__name__}."
             )
         structure = self.curvature.in_structure()
@@ -176,14 +176,14 @@ class LaplacePosterior(eqx.Module):
             key_prior, (num_samples, prior_sqrt.size), prior_sqrt.dtype
         )
         coefficients = jax.random.normal(
-            key_curvature, (num_samples, *curvature.factor_shape()), prior_sqrt.dtype
+            key_curvature, (num_samples, *curvature.sqrt_shape()), prior_sqrt.dtype
         )
 
         def one_sample(prior_noise, coefficients):
             rhs = jtu.tree_map(
                 jnp.add,
                 unravel(prior_sqrt * prior_noise),
-                curvature.factor_mv(coefficients),
+                curvature.sqrt_mv(coefficients),
             )
             offset = lx.linear_solve(precision, rhs, solver).value
             return jtu.tree_map(jnp.add, self.mean, offset)

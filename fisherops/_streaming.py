@@ -146,12 +146,12 @@ class _Source:
                 "(EmpiricalFisherOperator, MCFisherOperator, GGNOperator); got "
                 f"{type(operator).__name__}."
             )
-        if float(operator.factor) != 1.0:
+        if float(operator.scale) != 1.0:
             raise ValueError(
                 "operator_fn must build its operators with the default scaling (a "
                 "plain sum over the batch); give num_total_samples and "
                 "num_curv_samples to StreamedOperator instead. Got an operator with "
-                f"factor {float(operator.factor)}."
+                f"factor {float(operator.scale)}."
             )
         return operator
 
