@@ -13,8 +13,14 @@ from ._functional import (
 from ._functional import (
     create_MC_fisher_mv_without_data as create_MC_fisher_mv_without_data,
 )
+from ._kfac import KFACOperator as KFACOperator
+from ._likelihoods import MSE as MSE
 from ._likelihoods import AbstractLikelihood as AbstractLikelihood
+from ._likelihoods import BinaryCrossEntropy as BinaryCrossEntropy
+from ._likelihoods import CrossEntropy as CrossEntropy
+from ._likelihoods import Gaussian as Gaussian
 from ._likelihoods import Likelihood as Likelihood
+from ._likelihoods import has_sampler as has_sampler
 from ._models import from_equinox as from_equinox
 from ._models import from_flax_nnx as from_flax_nnx
 from ._operators import AbstractCurvatureOperator as AbstractCurvatureOperator
@@ -28,5 +34,7 @@ from ._priors import PriorPrecision as PriorPrecision
 from ._priors import scale as scale
 from ._sharding import shard_data as shard_data
 from ._streaming import StreamedOperator as StreamedOperator
+from ._subset import last_layer as last_layer
+from ._subset import subset as subset
 
 __version__ = "0.1.0"
