@@ -4,7 +4,8 @@ A likelihood `r(y | f) ∝ exp(-c(y, f))` is described by its per-datum loss `c`
 The curvature operators only ever ask a likelihood for the factor `B` of the
 datum's output-space matrix `B B^T` (its gradient for the empirical Fisher, its
 sampled gradients for the Monte-Carlo Fisher, the square root of its Hessian for
-the GGN), so each loss lives here and nowhere else.
+the GGN) or for the Hessian-vector product `H t`, so each loss lives here and
+nowhere else.
 """
 
 import abc
@@ -14,89 +15,164 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree, Scalar
 
 
 class AbstractLikelihood(eqx.Module):
     """A per-datum likelihood `r(y | f) ∝ exp(-c(y, f))` of a network output `f`.
 
     Subclass it (or use [`fisherops.Likelihood`][]) to give the curvature
-    operators a loss of your own. All methods act on ONE datum: `output` is the
-    network's output `f` for that datum (usually of shape `(O,)`) and `target`
-    the datum's target.
+    operators a loss of your own: only `loss` is required, and `sample` for the
+    Monte-Carlo Fisher. The other methods have defaults by autodiff of `loss`;
+    override them when a closed form is cheaper. All methods act on ONE datum:
+    `output` is the network's output `f` for that datum (usually of shape `(O,)`)
+    and `target` the datum's target. Arrays the likelihood depends on (a noise
+    scale, say) belong in fields, so that gradients with respect to them flow.
     """
 
     @abc.abstractmethod
     def loss(self, output: Float[Array, "*O"], target: PyTree) -> Scalar:
         """The loss `c(y, f)` of one datum."""
 
-    @abc.abstractmethod
-    def output_grad(self, output: Float[Array, "*O"], target: PyTree) -> Array:
-        """The gradient `g = ∇_f c(y, f)`, shaped like `output`."""
-
-    @abc.abstractmethod
     def sample(self, key: PRNGKeyArray, output: Float[Array, "*O"]) -> PyTree:
-        """One draw `y ~ r(y | f)`, in the target format `output_grad` accepts."""
+        """One draw `y ~ r(y | f)`, in the target format `output_grad` accepts.
 
-    @abc.abstractmethod
-    def hessian_factor(self, output: Float[Array, "*O"]) -> Float[Array, "O K"]:
-        """A factor `B` of shape `(O, K)` with `B B^T = ∇²_f c(y, f)` (flattened `f`).
-
-        For the built-in likelihoods the Hessian does not depend on `y`, and it
-        equals the Fisher `E_{y~r}[g g^T]`.
+        Needed by the Monte-Carlo Fisher only; by default there is none (see
+        [`fisherops.has_sampler`][]).
         """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no sampler: implement `sample(key, output)`."
+        )
 
-    @abc.abstractmethod
+    def output_grad(self, output: Float[Array, "*O"], target: PyTree) -> Array:
+        """The gradient `g = ∇_f c(y, f)`, shaped like `output` (default: autodiff)."""
+        return jax.grad(self.loss)(output, target)
+
+    def hessian_mv(
+        self, output: Float[Array, "*O"], target: PyTree, tangent: Float[Array, "*O"]
+    ) -> Float[Array, "*O"]:
+        """`H t` with `H = ∇²_f c(y, f)`, shaped like `output`.
+
+        Default: the `jvp` of `output_grad`, at the cost of about one gradient.
+        """
+        _, product = jax.jvp(
+            lambda f: self.output_grad(f, target), (output,), (tangent,)
+        )
+        return product
+
+    def hessian_sqrt(
+        self, output: Float[Array, "*O"], target: PyTree
+    ) -> Float[Array, "O K"]:
+        """A square root `B` of shape `(O, K)` with `B B^T = ∇²_f c(y, f)`.
+
+        `f` is flattened to `(O,)`. Default: the symmetric square root of the
+        dense Hessian (`O` Hessian-vector products) by an eigendecomposition, with
+        negative eigenvalues set to zero (the GGN keeps the positive part of a
+        non-convex loss). Differentiable; unbatched decompositions even under `vmap`.
+        """
+        size = jnp.size(output)
+
+        def column(tangent):
+            tangent = tangent.reshape(jnp.shape(output))
+            return self.hessian_mv(output, target, tangent).reshape(-1)
+
+        hessian = jax.vmap(column)(jnp.eye(size, dtype=jnp.result_type(output)))
+        return _psd_sqrt((hessian + hessian.T) / 2)
+
     def prepare_targets(self, targets: PyTree, outputs: Array) -> PyTree:
         """Check a BATCH of targets against the batch of outputs `(N, *O)`.
 
         Returns the targets in the form `output_grad` takes (per datum after
-        indexing axis 0). Raises a `ValueError` naming `data` when they do not fit.
+        indexing axis 0). Raises a `ValueError` naming `data` when they do not
+        fit. Default: the targets as given (the operators have already checked
+        that their axis 0 indexes the same `N` data points).
         """
+        del outputs
+        return targets
 
 
-def _check_batch_target(name: str, targets, outputs) -> Array:
-    """The batch of targets, if it is an array (a built-in loss needs one)."""
-    del outputs
+# --------------------------------------------------------------------------- #
+# The symmetric square root of a PSD matrix, differentiable, never a batched
+# LAPACK call (under `vmap` the decompositions run one after the other: batched
+# decompositions can deadlock jaxlib's CPU thread pool).
+# --------------------------------------------------------------------------- #
+
+
+@jax.custom_batching.custom_vmap
+def _eigh(matrix):
+    return tuple(jnp.linalg.eigh(matrix))
+
+
+@_eigh.def_vmap
+def _(axis_size, in_batched, matrix):
+    del axis_size
+    (batched,) = in_batched
+    if not batched:
+        return _eigh(matrix), (False, False)
+    return jax.lax.map(_eigh, matrix), (True, True)
+
+
+@jax.custom_jvp
+def _psd_sqrt(matrix: Float[Array, "O O"]) -> Float[Array, "O O"]:
+    values, vectors = _eigh(matrix)
+    return (vectors * jnp.sqrt(jnp.maximum(values, 0))) @ vectors.T
+
+
+@_psd_sqrt.defjvp
+def _(primals, tangents):
+    (matrix,), (tangent,) = primals, tangents
+    values, vectors = _eigh(matrix)
+    roots = jnp.sqrt(jnp.maximum(values, 0))
+    # Daleckii-Krein: dS = V (G * V^T dH V) V^T, G the divided differences of
+    # sqrt(max(., 0)) at the eigenvalues; 1 / (s_i + s_j) where they coincide, and
+    # 0 where both are zero (no gradient into the clipped part).
+    gaps = values[:, None] - values[None, :]
+    sums = roots[:, None] + roots[None, :]
+    tol = 8 * jnp.finfo(values.dtype).eps * jnp.max(jnp.abs(values))
+    coincide = jnp.abs(gaps) <= tol
+    divided = jnp.where(
+        coincide,
+        jnp.where(sums > 0, 1 / jnp.where(sums > 0, sums, 1), 0),
+        (roots[:, None] - roots[None, :]) / jnp.where(coincide, 1, gaps),
+    )
+    rotated = vectors.T @ tangent @ vectors
+    return (vectors * roots) @ vectors.T, vectors @ (divided * rotated) @ vectors.T
+
+
+# --------------------------------------------------------------------------- #
+# Target checks shared by the built-in likelihoods.
+# --------------------------------------------------------------------------- #
+
+
+def _concrete(targets) -> np.ndarray | None:
+    """`targets` as numpy when their values are known here (not traced), else None."""
+    if isinstance(targets, jax.core.Tracer) or (
+        isinstance(targets, jax.Array) and not targets.is_fully_addressable
+    ):
+        return None
+    return np.asarray(targets)
+
+
+def _array_targets(name: str, targets) -> Array:
     if not hasattr(targets, "shape"):
         raise TypeError(
-            f"loss {name!r} needs an array target; got a {type(targets).__name__}."
+            f"loss {name!r} needs data target as an array; got "
+            f"{type(targets).__name__}."
         )
     return targets
 
 
-class _MSE(AbstractLikelihood):
-    """`c = sum_o (f_o - y_o)^2` (no 1/2), `r = N(f, I/2)`."""
-
-    def loss(self, output, target):
-        return jnp.sum((output - target) ** 2)
-
-    def output_grad(self, output, target):
-        return 2 * (output - target)
-
-    def sample(self, key, output):
-        noise = jax.random.normal(key, output.shape, output.dtype)
-        return output + noise * jnp.sqrt(jnp.asarray(0.5, output.dtype))
-
-    def hessian_factor(self, output):
-        size = output.size
-        return jnp.sqrt(jnp.asarray(2.0, output.dtype)) * jnp.eye(
-            size, dtype=output.dtype
+def _real_targets(name: str, targets, outputs, expected: str) -> Array:
+    """Targets of the outputs' shape (`(N,)` also for outputs `(N, 1)`), as floats."""
+    targets = _array_targets(name, targets)
+    if targets.dtype == bool or not jnp.issubdtype(targets.dtype, jnp.number):
+        kind = "bool" if targets.dtype == bool else str(targets.dtype)
+        raise ValueError(
+            f"loss {name!r} needs data target of {expected} shaped like the outputs "
+            f"{outputs.shape}; got {kind} targets (cast them to float)."
         )
-
-    def prepare_targets(self, targets, outputs):
-        targets = _check_batch_target("mse", targets, outputs)
-        if not jnp.issubdtype(targets.dtype, jnp.floating):
-            raise ValueError(
-                "loss 'mse' needs floating targets shaped like the outputs "
-                f"{outputs.shape}; got data target of dtype {targets.dtype} and "
-                f"shape {targets.shape} (integer class labels are for "
-                "'cross_entropy')."
-            )
-        return _vector_targets("mse", targets, outputs)
-
-
-def _vector_targets(name: str, targets, outputs):
     if targets.shape == outputs.shape:
         return targets.astype(outputs.dtype)
     if (
@@ -106,35 +182,126 @@ def _vector_targets(name: str, targets, outputs):
     ):
         return targets[:, None].astype(outputs.dtype)
     raise ValueError(
-        f"loss {name!r} needs data target of the outputs' shape {outputs.shape}; "
-        f"got shape {targets.shape}."
+        f"loss {name!r} needs data target of {expected} shaped like the outputs "
+        f"{outputs.shape}; got shape {targets.shape}."
     )
 
 
-class _CrossEntropy(AbstractLikelihood):
-    """`c = -sum_c y_c log softmax(f)_c`, `r = Categorical(softmax(f))`.
+def _check_probabilities(name: str, values: np.ndarray | None, what: str, sums: bool):
+    if values is None or values.size == 0:
+        return
+    values = values.astype(np.float64)
+    if not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(
+            f"loss {name!r} needs data target {what} in [0, 1]; got values in "
+            f"[{values.min():.4g}, {values.max():.4g}]."
+        )
+    if sums:
+        total = values.sum(-1)
+        worst = float(np.max(np.abs(total - 1)))
+        if worst > 1e-3:
+            raise ValueError(
+                f"loss {name!r} needs data target {what} that sum to 1 over the "
+                f"classes (axis -1); got sums up to {worst:.3g} away from 1."
+            )
 
-    Targets are integer class labels (per datum `()` or `(1,)`) or probability /
-    one-hot vectors `(C,)`.
+
+class MSE(AbstractLikelihood):
+    r"""Squared error `c = Σ_o (f_o - y_o)²` (no 1/2), `r(y | f) = N(f, I/2)`.
+
+    `g = 2 (f - y)`, `H = 2 I`. The string `"mse"` is a shortcut for `MSE()`. For
+    a Gaussian with a noise scale of your choice, use [`fisherops.Gaussian`][].
+    Targets: floats shaped like the outputs (for outputs `(N, 1)` also `(N,)`).
+    """
+
+    def loss(self, output, target):
+        return jnp.sum((output - target) ** 2)
+
+    def sample(self, key, output):
+        noise = jax.random.normal(key, jnp.shape(output), output.dtype)
+        return output + noise * jnp.sqrt(jnp.asarray(0.5, output.dtype))
+
+    def output_grad(self, output, target):
+        return 2 * (output - target)
+
+    def hessian_mv(self, output, target, tangent):
+        return 2 * tangent
+
+    def hessian_sqrt(self, output, target):
+        eye = jnp.eye(jnp.size(output), dtype=output.dtype)
+        return jnp.sqrt(jnp.asarray(2.0, output.dtype)) * eye
+
+    def prepare_targets(self, targets, outputs):
+        return _real_targets("mse", targets, outputs, "floats")
+
+
+class Gaussian(AbstractLikelihood):
+    r"""Gaussian noise of scale `sigma`: `c = Σ_o (f_o - y_o)² / (2 σ²)`,
+    `r(y | f) = N(f, σ² I)`.
+
+    `g = (f - y) / σ²`, `H = I / σ²`.
+
+    **Arguments:**
+
+    - `sigma`: the noise standard deviation, a positive scalar or an array
+      broadcastable to one datum's output. It is an array field, so gradients
+      with respect to it (e.g. through `lineax.linear_solve`) are exact.
+    """
+
+    sigma: Float[Array, "..."]
+
+    def __init__(self, sigma: Float[ArrayLike, "..."]):
+        sigma = jnp.asarray(sigma)
+        floating = jnp.issubdtype(sigma.dtype, jnp.floating)
+        sigma = sigma.astype(sigma.dtype if floating else float)  # strong dtype
+        values = _concrete(sigma)
+        if values is not None and not np.all(values > 0):
+            raise ValueError(f"sigma must be positive; got {values}.")
+        self.sigma = sigma
+
+    def _precision(self, output):
+        return jnp.broadcast_to(self.sigma.astype(output.dtype) ** -2, output.shape)
+
+    def loss(self, output, target):
+        return jnp.sum((output - target) ** 2 * self._precision(output)) / 2
+
+    def sample(self, key, output):
+        noise = jax.random.normal(key, jnp.shape(output), output.dtype)
+        return output + noise * self.sigma.astype(output.dtype)
+
+    def output_grad(self, output, target):
+        return (output - target) * self._precision(output)
+
+    def hessian_mv(self, output, target, tangent):
+        return tangent * self._precision(output)
+
+    def hessian_sqrt(self, output, target):
+        return jnp.diag(jnp.sqrt(self._precision(output)).reshape(-1))
+
+    def prepare_targets(self, targets, outputs):
+        return _real_targets("Gaussian", targets, outputs, "floats")
+
+
+class CrossEntropy(AbstractLikelihood):
+    r"""Softmax cross-entropy `c = -Σ_c y_c log softmax(f)_c`,
+    `r(y | f) = Categorical(softmax(f))`.
+
+    `g = p - y` with `p = softmax(f)`, `H = diag(p) - p pᵀ` (the product `H t` in
+    O(C), its square root `diag(√p) - p √pᵀ` in O(C²)). The string
+    `"cross_entropy"` is a shortcut for `CrossEntropy()`.
+
+    The network gives logits `(C,)` per datum. Targets are integer class labels
+    in `[0, C)` (a batch `(N,)` or `(N, 1)`), or probability / one-hot vectors
+    `(N, C)` that sum to 1. Labels and probabilities are checked when the
+    operator is built eagerly; under `jit` they cannot be, and a label outside
+    `[0, C)` then counts as a target of all zeros (`g = p`).
     """
 
     def loss(self, output, target):
         logp = jax.nn.log_softmax(output)
-        if (
-            jnp.issubdtype(jnp.asarray(target).dtype, jnp.integer)
-            and jnp.ndim(target) == 0
-        ):
+        if _is_label(target):
             return -logp[target]
         return -jnp.sum(target * logp)
-
-    def output_grad(self, output, target):
-        probs = jax.nn.softmax(output)
-        if (
-            jnp.issubdtype(jnp.asarray(target).dtype, jnp.integer)
-            and jnp.ndim(target) == 0
-        ):
-            return probs - jax.nn.one_hot(target, output.shape[-1], dtype=output.dtype)
-        return probs - target
 
     def sample(self, key, output):
         # Inverse CDF: one uniform per draw, where `jax.random.categorical` (the
@@ -144,38 +311,96 @@ class _CrossEntropy(AbstractLikelihood):
         uniform = jax.random.uniform(key, (), cdf.dtype)
         return jnp.minimum(jnp.sum(cdf <= uniform), output.shape[-1] - 1)
 
-    def hessian_factor(self, output):
+    def output_grad(self, output, target):
+        probs = jax.nn.softmax(output)
+        if _is_label(target):
+            return probs - jax.nn.one_hot(target, output.shape[-1], dtype=output.dtype)
+        return probs - target
+
+    def hessian_mv(self, output, target, tangent):
+        probs = jax.nn.softmax(output)
+        return probs * tangent - probs * jnp.dot(probs, tangent)
+
+    def hessian_sqrt(self, output, target):
         probs = jax.nn.softmax(output)
         sqrt_probs = jnp.sqrt(probs)
         return jnp.diag(sqrt_probs) - jnp.outer(probs, sqrt_probs)
 
     def prepare_targets(self, targets, outputs):
-        targets = _check_batch_target("cross_entropy", targets, outputs)
-        num_classes = outputs.shape[-1]
-        integer = jnp.issubdtype(targets.dtype, jnp.integer)
-        if integer and targets.ndim == 1 and outputs.ndim == 2:
-            return targets
-        if integer and targets.shape == outputs.shape[:1] + (1,) and num_classes != 1:
-            return targets[:, 0]
-        if targets.shape == outputs.shape:
-            return targets.astype(outputs.dtype)
-        if not integer and targets.shape[: outputs.ndim - 1] == outputs.shape[:-1]:
-            raise ValueError(
-                "loss 'cross_entropy' needs data target as integer class labels of "
-                f"shape {outputs.shape[:1]} or {outputs.shape[:1] + (1,)}, or "
-                f"probability vectors of shape {outputs.shape}; got floating "
-                f"labels of shape {targets.shape} (cast class labels to int)."
+        name = "cross_entropy"
+        targets = _array_targets(name, targets)
+        if outputs.ndim != 2:
+            per_datum = outputs.shape[1:]
+            hint = (
+                "a scalar per datum; for one binary logit use "
+                "'binary_cross_entropy', or return C >= 2 logits"
+                if outputs.ndim == 1
+                else f"shape {per_datum} per datum; return a vector of C logits "
+                "(e.g. drop the extra axes with `.reshape(-1)`)"
             )
-        raise ValueError(
-            "loss 'cross_entropy' needs data target as integer class labels of "
-            f"shape {outputs.shape[:1]} or {outputs.shape[:1] + (1,)}, or "
-            f"probability vectors of shape {outputs.shape}; got dtype "
-            f"{targets.dtype} and shape {targets.shape}."
+            raise ValueError(
+                f"loss {name!r} needs model_fn to return logits of shape (C,) per "
+                f"datum (outputs (N, C)); got outputs {outputs.shape}, i.e. {hint}."
+            )
+        num, num_classes = outputs.shape
+        expected = (
+            f"data target as integer class labels in [0, {num_classes}) of shape "
+            f"{(num,)} or {(num, 1)}, or probability vectors of shape "
+            f"{(num, num_classes)}"
         )
+        if targets.dtype == bool:
+            raise ValueError(
+                f"loss {name!r} needs {expected}; got bool targets of shape "
+                f"{targets.shape} (cast class labels to int)."
+            )
+        if jnp.issubdtype(targets.dtype, jnp.integer):
+            if targets.shape == (num, 1):
+                targets = targets[:, 0]
+            if targets.shape != (num,):
+                raise ValueError(
+                    f"loss {name!r} needs {expected}; got integer targets of shape "
+                    f"{targets.shape}."
+                )
+            labels = _concrete(targets)
+            if (
+                labels is not None
+                and labels.size
+                and (labels.min() < 0 or labels.max() >= num_classes)
+            ):
+                raise ValueError(
+                    f"loss {name!r} needs {expected}; got labels in "
+                    f"[{labels.min()}, {labels.max()}] (0-based labels, please)."
+                )
+            return targets
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"loss {name!r} needs {expected}; got {targets.dtype} targets of "
+                f"shape {targets.shape}"
+                + (
+                    " (cast class labels to int)."
+                    if targets.shape in ((num,), (num, 1))
+                    else "."
+                )
+            )
+        _check_probabilities(name, _concrete(targets), "probabilities", sums=True)
+        return targets.astype(outputs.dtype)
 
 
-class _BinaryCrossEntropy(AbstractLikelihood):
-    """`c = sum_o BCE(sigmoid(f_o), y_o)`, `r = Bernoulli(sigmoid(f))`."""
+def _is_label(target) -> bool:
+    return (
+        jnp.issubdtype(jnp.result_type(target), jnp.integer) and jnp.ndim(target) == 0
+    )
+
+
+class BinaryCrossEntropy(AbstractLikelihood):
+    r"""Sigmoid cross-entropy `c = Σ_o BCE(sigmoid(f_o), y_o)`,
+    `r(y | f) = Bernoulli(sigmoid(f))`.
+
+    `g = p - y` with `p = sigmoid(f)`, `H = diag(p (1 - p))`. The string
+    `"binary_cross_entropy"` is a shortcut for `BinaryCrossEntropy()`. Targets are
+    in `[0, 1]` (labels `{0, 1}` or probabilities), shaped like the outputs;
+    checked when the operator is built eagerly.
+    """
 
     def loss(self, output, target):
         return jnp.sum(
@@ -183,30 +408,29 @@ class _BinaryCrossEntropy(AbstractLikelihood):
             - (1 - target) * jax.nn.log_sigmoid(-output)
         )
 
-    def output_grad(self, output, target):
-        return jax.nn.sigmoid(output) - target
-
     def sample(self, key, output):
         draw = jax.random.bernoulli(key, jax.nn.sigmoid(output))
         return draw.astype(output.dtype)
 
-    def hessian_factor(self, output):
+    def output_grad(self, output, target):
+        return jax.nn.sigmoid(output) - target
+
+    def hessian_mv(self, output, target, tangent):
+        probs = jax.nn.sigmoid(output)
+        return probs * (1 - probs) * tangent
+
+    def hessian_sqrt(self, output, target):
         probs = jax.nn.sigmoid(output).reshape(-1)
         return jnp.diag(jnp.sqrt(probs * (1 - probs)))
 
     def prepare_targets(self, targets, outputs):
-        targets = _check_batch_target("binary_cross_entropy", targets, outputs)
-        return _vector_targets("binary_cross_entropy", targets, outputs)
-
-
-def _not_given(what: str, argument: str):
-    def missing(*args):
-        raise ValueError(
-            f"this likelihood has no {what}: pass `{argument}=` to "
-            "`fisherops.Likelihood`."
-        )
-
-    return missing
+        name = "binary_cross_entropy"
+        targets = _array_targets(name, targets)
+        if targets.dtype == bool:
+            targets = targets.astype(outputs.dtype)
+        targets = _real_targets(name, targets, outputs, "labels in [0, 1]")
+        _check_probabilities(name, _concrete(targets), "labels", sums=False)
+        return targets
 
 
 class Likelihood(AbstractLikelihood):
@@ -223,6 +447,11 @@ class Likelihood(AbstractLikelihood):
     fisher = fisherops.MCFisherOperator(model_fn, params, data, likelihood, key)
     ```
 
+    The functions may close over traced arrays (e.g. a noise scale you
+    differentiate with respect to): the operators closure-convert them when they
+    do, so gradients flow. Subclassing [`fisherops.AbstractLikelihood`][] with
+    the array as a field (see [`fisherops.Gaussian`][]) avoids that conversion.
+
     **Arguments:**
 
     - `loss`: `loss(output, target) -> scalar` for one datum.
@@ -230,55 +459,63 @@ class Likelihood(AbstractLikelihood):
       the Monte-Carlo Fisher.
     - `output_grad`: `output_grad(output, target) -> ∇_f c`; autodiff of `loss`
       when not given.
-    - `hessian_factor`: `hessian_factor(output) -> B` of shape `(O, K)` with
-      `B B^T = ∇²_f c`; needed by the GGN.
+    - `hessian_sqrt`: `hessian_sqrt(output, target) -> B` of shape `(O, K)` with
+      `B B^T = ∇²_f c`; from the dense Hessian of `loss` when not given (see
+      [`fisherops.AbstractLikelihood.hessian_sqrt`][]).
     """
 
     loss_fn: Callable[[Array, Any], Scalar]
-    sample_fn: Callable[[PRNGKeyArray, Array], Any] | None = None
-    output_grad_fn: Callable[[Array, Any], Array] | None = None
-    hessian_factor_fn: Callable[[Array], Array] | None = None
+    sample_fn: Callable[[PRNGKeyArray, Array], Any] | None
+    output_grad_fn: Callable[[Array, Any], Array] | None
+    hessian_sqrt_fn: Callable[[Array, Any], Array] | None
 
     def __init__(
         self,
         loss: Callable[[Array, Any], Scalar],
         sample: Callable[[PRNGKeyArray, Array], Any] | None = None,
+        *,
         output_grad: Callable[[Array, Any], Array] | None = None,
-        hessian_factor: Callable[[Array], Array] | None = None,
+        hessian_sqrt: Callable[[Array, Any], Array] | None = None,
     ):
-        if not callable(loss):
-            raise TypeError(f"`loss` must be callable; got {type(loss).__name__}.")
+        for name, fn in (
+            ("loss", loss),
+            ("sample", sample),
+            ("output_grad", output_grad),
+            ("hessian_sqrt", hessian_sqrt),
+        ):
+            if not (callable(fn) or (fn is None and name != "loss")):
+                raise TypeError(f"{name} must be a callable; got {type(fn).__name__}.")
         self.loss_fn = loss
         self.sample_fn = sample
         self.output_grad_fn = output_grad
-        self.hessian_factor_fn = hessian_factor
+        self.hessian_sqrt_fn = hessian_sqrt
 
     def loss(self, output, target):
         return self.loss_fn(output, target)
 
-    def output_grad(self, output, target):
-        if self.output_grad_fn is None:
-            return jax.grad(self.loss_fn)(output, target)
-        return self.output_grad_fn(output, target)
-
     def sample(self, key, output):
         if self.sample_fn is None:
-            _not_given("sampler", "sample")()
+            raise ValueError(
+                "this likelihood has no sampler: pass `sample=` to "
+                "`fisherops.Likelihood`."
+            )
         return self.sample_fn(key, output)
 
-    def hessian_factor(self, output):
-        if self.hessian_factor_fn is None:
-            _not_given("Hessian factor", "hessian_factor")()
-        return self.hessian_factor_fn(output)
+    def output_grad(self, output, target):
+        if self.output_grad_fn is None:
+            return super().output_grad(output, target)
+        return self.output_grad_fn(output, target)
 
-    def prepare_targets(self, targets, outputs):
-        return targets
+    def hessian_sqrt(self, output, target):
+        if self.hessian_sqrt_fn is None:
+            return super().hessian_sqrt(output, target)
+        return self.hessian_sqrt_fn(output, target)
 
 
 _BUILT_IN = {
-    "mse": _MSE,
-    "cross_entropy": _CrossEntropy,
-    "binary_cross_entropy": _BinaryCrossEntropy,
+    "mse": MSE,
+    "cross_entropy": CrossEntropy,
+    "binary_cross_entropy": BinaryCrossEntropy,
 }
 
 
@@ -295,7 +532,7 @@ def as_likelihood(
             raise ValueError(
                 f"unknown loss_fn {loss_fn!r}; expected one of "
                 f"{sorted(_BUILT_IN)}, a callable `loss(output, target)` or a "
-                "`fisherops.Likelihood`."
+                "`fisherops.AbstractLikelihood`."
             ) from None
     if callable(loss_fn):
         return Likelihood(loss_fn)
@@ -306,10 +543,49 @@ def as_likelihood(
 
 
 def has_sampler(likelihood: AbstractLikelihood) -> bool:
-    return not (isinstance(likelihood, Likelihood) and likelihood.sample_fn is None)
+    """Whether `likelihood.sample` draws targets (the Monte-Carlo Fisher needs it)."""
+    if isinstance(likelihood, Likelihood):
+        return likelihood.sample_fn is not None
+    return type(likelihood).sample is not AbstractLikelihood.sample
 
 
-def has_hessian_factor(likelihood: AbstractLikelihood) -> bool:
-    return not (
-        isinstance(likelihood, Likelihood) and likelihood.hessian_factor_fn is None
-    )
+def closure_converted(fn: Callable, *example_args) -> Callable:
+    """`fn`, closure-converted if it closes over traced arrays (else `fn` itself).
+
+    A callable field that closes over a tracer hides it from `jit`, `grad` and
+    lineax's solvers (a silent zero gradient). Converted, the tracers become
+    pytree leaves of the returned function. Untraced functions are returned as
+    they are, so a new operator around them reuses earlier compilations.
+    """
+    converted = eqx.filter_closure_convert(fn, *example_args)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jtu.tree_leaves(converted)):
+        return converted
+    return fn
+
+
+def with_traced_closures(
+    likelihood: AbstractLikelihood, output, target, key=None
+) -> AbstractLikelihood:
+    """`likelihood`, its functions closure-converted where they close over tracers.
+
+    `output`, `target` (and `key`, for the sampler) are one datum's, as arrays or
+    `jax.ShapeDtypeStruct`s.
+    """
+    if not isinstance(likelihood, Likelihood):
+        return likelihood
+    examples = {
+        "loss_fn": (output, target),
+        "output_grad_fn": (output, target),
+        "hessian_sqrt_fn": (output, target),
+        "sample_fn": None if key is None else (key, output),
+    }
+    for name, args in examples.items():
+        fn = getattr(likelihood, name)
+        if fn is None or args is None:
+            continue
+        converted = closure_converted(fn, *args)
+        if converted is not fn:
+            likelihood = eqx.tree_at(
+                lambda lik, name=name: getattr(lik, name), likelihood, converted
+            )
+    return likelihood

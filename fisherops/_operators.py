@@ -29,7 +29,6 @@ from . import _core
 from ._likelihoods import (
     AbstractLikelihood,
     as_likelihood,
-    has_hessian_factor,
     has_sampler,
 )
 from ._queries import register_symmetric_psd
@@ -725,12 +724,12 @@ class GGNOperator(AbstractCurvatureOperator):
     $$G v = \text{factor} \sum_n J_n^\top H_n J_n v, \qquad
     H_n = \nabla^2_f c(y_n, f_n) = B_n B_n^\top,$$
 
-    with `B_n` the likelihood's `hessian_factor`: `sqrt(2) I` for mse,
+    with `B_n` the likelihood's `hessian_sqrt`: `sqrt(2) I` for mse,
     `diag(sqrt p) - p sqrt(p)^T` for cross-entropy, `diag(sqrt(p (1 - p)))` for
     binary cross-entropy. The Monte-Carlo Fisher is an unbiased estimate of it.
 
     **Arguments:** as [`fisherops.EmpiricalFisherOperator`][]; `loss_fn` is a loss
-    name or a likelihood with a `hessian_factor`.
+    name, a callable loss (its Hessian by autodiff) or a likelihood.
     """
 
     model_fn: ModelFn
@@ -757,12 +756,6 @@ class GGNOperator(AbstractCurvatureOperator):
         if loss_fn is None:
             raise ValueError("GGNOperator needs loss_fn; got None.")
         likelihood = as_likelihood(loss_fn)
-        if not has_hessian_factor(likelihood):
-            raise ValueError(
-                "GGNOperator needs a loss_fn with an output Hessian: a built-in loss "
-                "name or a fisherops.Likelihood(loss, hessian_factor=...); got a "
-                "callable loss without one."
-            )
         setup = _setup(
             model_fn,
             params,
@@ -783,8 +776,10 @@ class GGNOperator(AbstractCurvatureOperator):
         self.chunk_size = chunk_size
 
     def _likelihood_factors(self, outputs, targets, indices):
-        del targets, indices
-        return jax.vmap(self.likelihood.hessian_factor)(outputs).astype(outputs.dtype)
+        del indices
+        targets = self.likelihood.prepare_targets(targets, outputs)
+        factors = jax.vmap(self.likelihood.hessian_sqrt)(outputs, targets)
+        return factors.astype(outputs.dtype)
 
 
 # --------------------------------------------------------------------------- #

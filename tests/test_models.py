@@ -254,7 +254,7 @@ def gaussian_likelihood(with_grad=False):
         gaussian_loss,
         sample=lambda key, f: f + SIGMA * jax.random.normal(key, f.shape, f.dtype),
         output_grad=(lambda f, y: (f - y) / SIGMA**2) if with_grad else None,
-        hessian_factor=lambda f: jnp.eye(f.shape[0], dtype=f.dtype) / SIGMA,
+        hessian_sqrt=lambda f, y: jnp.eye(f.shape[0], dtype=f.dtype) / SIGMA,
     )
 
 
@@ -298,12 +298,12 @@ def sum_likelihood():
     return fo.Likelihood(
         lambda f, y: 0.5 * (jnp.sum(f) - y) ** 2,
         sample=lambda key, f: jnp.sum(f) + jax.random.normal(key, (), f.dtype),
-        hessian_factor=lambda f: jnp.ones((f.shape[0], 1), f.dtype),
+        hessian_sqrt=lambda f, y: jnp.ones((f.shape[0], 1), f.dtype),
     )
 
 
 @pytest.mark.parametrize("vmap_over_data", [True, False], ids=["vmap", "batched"])
-def test_likelihood_with_scalar_targets_and_thin_hessian_factor(vmap_over_data):
+def test_likelihood_with_scalar_targets_and_thin_hessian_sqrt(vmap_over_data):
     params = init_params()
     inputs = make_inputs()
     targets = jnp.asarray(np.random.default_rng(8).normal(size=(inputs.shape[0],)))
@@ -348,7 +348,7 @@ def test_builtin_names_equal_their_likelihood_written_out():
     likelihood = fo.Likelihood(
         lambda f, y: jnp.sum((f - y) ** 2),
         sample=lambda key, f: f + jnp.sqrt(0.5) * jax.random.normal(key, f.shape),
-        hessian_factor=lambda f: jnp.sqrt(2.0) * jnp.eye(f.shape[0]),
+        hessian_sqrt=lambda f, y: jnp.sqrt(2.0) * jnp.eye(f.shape[0]),
     )
     params = init_params()
     data = make_data("vector")
