@@ -1,18 +1,26 @@
 """The one piece of maths every curvature operator shares.
 
-    C v = factor * sum_n J_n^T B_n B_n^T J_n v
+    C v = scale * sum_n J_n^T B_n B_n^T J_n v
 
 `J_n` is the Jacobian of the network output for datum `n` with respect to the
-params, `B_n` an `(O, K)` factor from the likelihood. Everything here works on a
-*batch* of data at once: one linearised forward pass (`jvp`) and one transpose
-(`vjp`) over the whole batch, never per-datum pairs. Chunking splits the data
-into equal slices processed by `lax.scan`, so memory is bounded by the chunk.
+params, `B_n` an `(O, K)` likelihood factor. Everything here works on a *batch* of
+data at once: one linearised forward pass (`jvp`) and one transpose (`vjp`) over
+the whole batch, never per-datum pairs. The output-space product `B_n B_n^T t_n`
+is passed in as a function, so an operator that knows `B_n B_n^T` without its
+factor (the GGN, through the likelihood's `hessian_mv`) never forms `B_n`.
+Chunking splits the data into equal slices processed by `lax.scan`, so memory is
+bounded by the chunk.
+
+Dense matrices (`as_matrix`, `diagonal`) have two routes: the per-datum rows
+`R_n = B_n^T J_n` accumulated as `sum_n R_n^T R_n`, or `P` linearised products
+with the basis vectors. `dense_route` picks the cheaper one.
 """
 
 import functools as ft
 from collections.abc import Callable
 
 import jax
+import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax import lax
@@ -29,6 +37,43 @@ def batched_model(model_fn: Callable, vmap_over_data: bool) -> Callable:
     return model_fn
 
 
+def is_batch(inputs: PyTree, targets: PyTree, outputs: jax.ShapeDtypeStruct) -> bool:
+    """Whether data given to a batched `model_fn` (`vmap_over_data=False`) is a batch.
+
+    The number of data points comes from the data, never from the rank of the
+    outputs (a per-datum output may be a scalar, so a batch's outputs may be
+    `(N,)`): the data is a batch when the outputs' leading axis is the inputs'
+    leading axis and every target has a leading axis. Otherwise it is one
+    unbatched datum (its input `(D,)` gives an output `(O,)` with `O != D`, or a
+    scalar; or its target is a scalar label).
+    """
+    sizes = {
+        jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
+        for leaf in jtu.tree_leaves(inputs)
+    }
+    return (
+        len(sizes) == 1
+        and outputs.ndim >= 1
+        and sizes == {outputs.shape[0]}
+        and all(jnp.ndim(leaf) for leaf in jtu.tree_leaves(targets))
+    )
+
+
+def scale_dtype(params: PyTree) -> jnp.dtype:
+    """The dtype of `num_total / num_curv`: the params' dtype, at least float32."""
+    return jnp.promote_types(jnp.result_type(*jtu.tree_leaves(params)), jnp.float32)
+
+
+def scaled(tree: PyTree, scale: Array) -> PyTree:
+    """`scale * tree`, computed in at least float32, in the leaves' dtypes."""
+
+    def one(leaf):
+        wide = jnp.promote_types(leaf.dtype, scale.dtype)
+        return (leaf.astype(wide) * scale.astype(wide)).astype(leaf.dtype)
+
+    return jtu.tree_map(one, tree)
+
+
 def bbt(factors: Float[Array, "n O K"], tangents: Array) -> Array:
     """`B_n B_n^T t_n` for every datum `n`; `tangents` is shaped `(n, *O)`."""
     flat = tangents.reshape(factors.shape[:2])
@@ -36,9 +81,19 @@ def bbt(factors: Float[Array, "n O K"], tangents: Array) -> Array:
     return jnp.einsum("nok,nk->no", factors, coefficients).reshape(tangents.shape)
 
 
-def linearised_mv(jvp_fn, params: PyTree, factors: Array, vector: PyTree) -> PyTree:
-    """`sum_n J_n^T B_n B_n^T J_n v` from a linearised batched model."""
-    (result,) = jax.linear_transpose(jvp_fn, params)(bbt(factors, jvp_fn(vector)))
+def weighted(weights: Bool[Array, " n"], values: Array) -> Array:
+    """`values` (axis 0 indexing data points) times the points' weights (1 or 0)."""
+    return values * weights.astype(values.dtype).reshape(-1, *(1,) * (values.ndim - 1))
+
+
+def linearised_mv(
+    jvp_fn: Callable, params: PyTree, output_mv: Callable[[Array], Array], vector
+) -> PyTree:
+    """`sum_n J_n^T M_n J_n v` from a linearised batched model.
+
+    `output_mv(t)` gives `M_n t_n` for the batch of output tangents `t (n, *O)`.
+    """
+    (result,) = jax.linear_transpose(jvp_fn, params)(output_mv(jvp_fn(vector)))
     return result
 
 
@@ -47,35 +102,7 @@ def weighted_outputs(factors: Float[Array, "n O K"], coefficients, shape) -> Arr
     return jnp.einsum("nok,nk->no", factors, coefficients).reshape(shape)
 
 
-def batch_factor_mv(
-    model: Callable,
-    params: PyTree,
-    inputs: PyTree,
-    factors: Callable[[Array], Float[Array, "n O K"]],
-    coefficients: Float[Array, "n K"],
-) -> PyTree:
-    """`sum_n J_n^T B_n e_n`: one forward pass and one `vjp` over a batch."""
-    outputs, vjp_fn = jax.vjp(lambda p: model(inputs, p), params)
-    (result,) = vjp_fn(weighted_outputs(factors(outputs), coefficients, outputs.shape))
-    return result
-
-
-def batch_mv(
-    model: Callable,
-    params: PyTree,
-    inputs: PyTree,
-    factors: Callable[[Array], Float[Array, "n O K"]],
-    vector: PyTree,
-) -> PyTree:
-    """One forward pass, one `jvp`, one `vjp` over a batch.
-
-    `factors(outputs)` gives `B_n` from the batch's outputs `(n, *O)`.
-    """
-    outputs, jvp_fn = jax.linearize(lambda p: model(inputs, p), params)
-    return linearised_mv(jvp_fn, params, factors(outputs), vector)
-
-
-def per_datum_gradients(
+def per_datum_rows(
     model_fn: Callable,
     vmap_over_data: bool,
     params: PyTree,
@@ -84,7 +111,7 @@ def per_datum_gradients(
     indices: Int[Array, " n"],
     factor_fn: FactorFn,
 ) -> PyTree[Float[Array, "n K ..."]]:
-    """The rows `B_n^T J_n`: params-shaped, each leaf `(n, K, *leaf.shape)`.
+    """The rows `R_n = B_n^T J_n`: params-shaped, each leaf `(n, K, *leaf.shape)`.
 
     One forward pass per datum (vmapped), then `K` `vjp`s (vmapped). The rows stay
     a pytree: flattening them here would copy every row once more.
@@ -105,6 +132,55 @@ def per_datum_gradients(
         return rows
 
     return jax.vmap(one)(inputs, targets, indices)
+
+
+def flat_rows(rows: PyTree[Float[Array, "n K ..."]]) -> Float[Array, "nK P"]:
+    """The rows as one `(n K, P)` matrix, columns in `ravel_pytree` order."""
+    return jnp.concatenate(
+        [row.reshape(row.shape[0] * row.shape[1], -1) for row in jtu.tree_leaves(rows)],
+        axis=1,
+    )
+
+
+def sum_rows(leaf: Float[Array, "n K ..."]) -> Float[Array, "..."]:
+    """`leaf.sum((0, 1))`, as a matrix-vector product: XLA:CPU is slow to reduce
+    over leading axes."""
+    rows = leaf.shape[0] * leaf.shape[1]
+    return (jnp.ones(rows, leaf.dtype) @ leaf.reshape(rows, -1)).reshape(leaf.shape[2:])
+
+
+def dense_from_mv(
+    mv: Callable[[PyTree], PyTree], structure: PyTree, *, diagonal_only: bool = False
+) -> Array:
+    """The `(P, P)` matrix of a linear map (or its diagonal) from `P` products.
+
+    The basis vectors go through `mv` in batches of up to 64 (vmapped).
+    """
+    zeros = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), structure)
+    flat, unravel = jfu.ravel_pytree(zeros)
+    size = flat.size
+    batch = min(size, 64)
+    count = -(-size // batch)
+
+    def block(start):
+        basis = (
+            jnp.arange(size)[None, :] == start + jnp.arange(batch)[:, None]
+        ).astype(flat.dtype)
+        columns = jax.vmap(lambda e: jfu.ravel_pytree(mv(unravel(e)))[0])(basis)
+        if diagonal_only:
+            return jnp.sum(columns * basis, axis=1)
+        return columns
+
+    # The last block is shifted back to end at `size` (its overlap is rewritten).
+    starts = jnp.minimum(jnp.arange(count) * batch, size - batch)
+    blocks = lax.map(block, starts)
+    if count * batch == size:
+        return blocks.reshape(size) if diagonal_only else blocks.reshape(size, size).T
+    overlap = count * batch - size
+    joined = jnp.concatenate(
+        [blocks[:-1].reshape(-1, *blocks.shape[2:]), blocks[-1, overlap:]]
+    )
+    return joined if diagonal_only else joined.T
 
 
 Chunk = tuple[PyTree, Int[Array, " c"], Bool[Array, " c"]]

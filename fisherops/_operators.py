@@ -1,7 +1,7 @@
 """The curvature operators: empirical Fisher, Monte-Carlo Fisher and GGN.
 
-All three are `factor * sum_n J_n^T B_n B_n^T J_n` (see `_core`) and differ only
-in the factor `B_n` they ask of the likelihood:
+All three are `scale * sum_n J_n^T B_n B_n^T J_n` (see `_core`) and differ only
+in the likelihood factor `B_n` they ask of the likelihood:
 
 | operator                  | `B_n`                                        |
 |---------------------------|----------------------------------------------|
@@ -139,7 +139,7 @@ def _setup(
         num_targets = _leading(targets, "target")
     else:
         outputs = jax.eval_shape(model_fn, inputs, params)
-        if outputs.ndim <= 1:  # one unbatched datum
+        if not _core.is_batch(inputs, targets, outputs):  # one unbatched datum
             add_axis = ft.partial(jtu.tree_map, lambda leaf: jnp.asarray(leaf)[None])
             inputs, targets = add_axis(inputs), add_axis(targets)
             model_fn = _UnbatchedModel(model_fn)
@@ -166,7 +166,7 @@ def _setup(
     _check_count("num_total_samples", num_total_samples)
     num_curv = num_data if num_curv_samples is None else num_curv_samples
     num_total = num_curv if num_total_samples is None else num_total_samples
-    dtype = jnp.result_type(*jtu.tree_leaves(params))
+    dtype = _core.scale_dtype(params)
     factor = jnp.asarray(num_total, dtype) / jnp.asarray(num_curv, dtype)
     return _Setup(model_fn, params, (inputs, targets), factor, num_data, loss_grad_fn)
 
@@ -177,29 +177,56 @@ def _structure(params: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
     )
 
 
-def _check_vector(operator: lx.AbstractLinearOperator, vector: PyTree) -> None:
+def _check_vector(operator: lx.AbstractLinearOperator, vector: PyTree) -> PyTree:
+    """`vector` in the operator's dtypes; its structure and shapes must match.
+
+    A leaf may come in a wider floating dtype that the params also use (lineax's
+    CG promotes mixed-dtype params, bf16 + f32 say, to one dtype): it is cast
+    back. Any other dtype, shape or structure is an error.
+    """
     expected = operator.in_structure()
     if jtu.tree_structure(vector) != jtu.tree_structure(expected):
         raise ValueError(
             "vector must have the structure of params "
             f"{jtu.tree_structure(expected)}; got {jtu.tree_structure(vector)}."
         )
+    wanted = jtu.tree_leaves(expected)
+    dtypes = {want.dtype for want in wanted}
+    leaves = []
     for path, leaf, want in zip(
         (p for p, _ in jtu.tree_leaves_with_path(expected)),
         jtu.tree_leaves(vector),
-        jtu.tree_leaves(expected),
+        wanted,
         strict=True,
     ):
         shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
-        if shape != want.shape or dtype != want.dtype:
+        widened = dtype in dtypes and jnp.promote_types(want.dtype, dtype) == dtype
+        if shape != want.shape or not (dtype == want.dtype or widened):
             raise ValueError(
                 f"vector{jtu.keystr(path)} must be {want.dtype}{list(want.shape)} "
                 f"like params; got {dtype}{list(shape)}."
             )
+        leaves.append(jnp.asarray(leaf, want.dtype))
+    return jtu.tree_unflatten(jtu.tree_structure(expected), leaves)
 
 
-def _scale(tree: PyTree, factor: Array) -> PyTree:
-    return jtu.tree_map(lambda leaf: leaf * factor.astype(leaf.dtype), tree)
+def _check_algorithm(algorithm: str | None) -> str | None:
+    if algorithm not in (None, "rows", "mv"):
+        raise ValueError(
+            f"algorithm must be None (choose by cost), 'rows' or 'mv'; got "
+            f"{algorithm!r}."
+        )
+    return algorithm
+
+
+class _Shown:
+    """A scalar that a repr prints by value."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def __repr__(self):
+        return repr(self.value)
 
 
 # --------------------------------------------------------------------------- #
@@ -207,11 +234,34 @@ def _scale(tree: PyTree, factor: Array) -> PyTree:
 # --------------------------------------------------------------------------- #
 
 
-class AbstractCurvatureOperator(lx.AbstractLinearOperator):
-    """`factor * sum_n J_n^T B_n B_n^T J_n` as a symmetric PSD lineax operator.
+class _AbstractScalable(lx.AbstractLinearOperator):
+    """Multiplying by a non-negative Python, numpy or concrete JAX scalar gives the
+    same kind of fisherops operator with its `scale` multiplied (still PSD for
+    lineax, `sqrt_mv` and chunking kept); any other scalar gives lineax's product.
+    """
+
+    def __mul__(self, other) -> lx.AbstractLinearOperator:
+        if _is_concrete_nonnegative(other):
+            return with_scale(self, other)
+        return super().__mul__(other)
+
+    def __rmul__(self, other) -> lx.AbstractLinearOperator:
+        return self * other
+
+    def __truediv__(self, other) -> lx.AbstractLinearOperator:
+        if _is_concrete_nonnegative(other) and np.asarray(other) > 0:
+            return with_scale(self, 1 / np.asarray(other, np.float64))
+        return super().__truediv__(other)
+
+
+class AbstractCurvatureOperator(_AbstractScalable):
+    """`scale * sum_n J_n^T B_n B_n^T J_n` as a symmetric PSD lineax operator.
 
     The concrete operators differ only in how they make `B_n`. Vectors are
-    params-shaped pytrees; `as_matrix()` is `(P, P)` in `ravel_pytree` order.
+    params-shaped pytrees; `as_matrix()` is `(P, P)` and `diagonal()` is `(P,)`,
+    both in `ravel_pytree` order. Every method that does array work is compiled
+    once per shape (`eqx.filter_jit`): repeated eager calls with new arrays of the
+    same shapes compile nothing.
     """
 
     model_fn: eqx.AbstractVar[ModelFn]
@@ -228,88 +278,122 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
     ) -> Float[Array, "n O K"]:
         """`B_n` for a batch of outputs `(n, *O)`, their targets and data indices."""
 
+    # The output-space products go through a per-datum "state": by default the
+    # factors `B_n` themselves, with `B_n B_n^T t_n` as the product. The GGN keeps
+    # the outputs instead and multiplies by the likelihood's Hessian (O(O) for the
+    # built-in losses, where forming `B_n` costs O(O^2)).
+
+    def _output_state(
+        self, outputs: Array, targets: PyTree, indices: Int[Array, " n"]
+    ) -> PyTree:
+        """What `_state_mv` and `_state_factors` need of a batch (axis 0: data)."""
+        return self._likelihood_factors(outputs, targets, indices)
+
+    def _state_factors(self, state: PyTree) -> Float[Array, "n O K"]:
+        """`B_n` from the state."""
+        return state
+
+    def _state_mv(self, state: PyTree, tangents: Array) -> Array:
+        """`B_n B_n^T t_n` for output tangents `t` shaped `(n, *O)`."""
+        return _core.bbt(state, tangents)
+
+    @eqx.filter_jit
     def mv(self, vector: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
-        _check_vector(self, vector)
-        model = _core.batched_model(self.model_fn, self.vmap_over_data)
+        vector = _check_vector(self, vector)
+        model = self._model()
 
         def on_chunk(data, indices, weights):
             inputs, targets = data
-
-            def factors(outputs):
-                scaled = self._likelihood_factors(outputs, targets, indices)
-                return scaled * weights[:, None, None].astype(scaled.dtype)
-
-            return _core.batch_mv(model, self.params, inputs, factors, vector)
+            outputs, jvp_fn = jax.linearize(lambda p: model(inputs, p), self.params)
+            state = self._output_state(outputs, targets, indices)
+            return _core.linearised_mv(
+                jvp_fn,
+                self.params,
+                lambda t: _core.weighted(weights, self._state_mv(state, t)),
+                vector,
+            )
 
         total = _core.chunked_sum(on_chunk, self.data, self.num_data, self.chunk_size)
-        return _scale(total, self.scale)
+        return _core.scaled(total, self.scale)
 
-    def sqrt_mv(
-        self, coefficients: Float[Array, "N K"]
-    ) -> PyTree[Float[Array, "..."]]:
-        """`A e` for the square-root factor `A` of this operator (`A A^T = C`).
+    @eqx.filter_jit
+    def sqrt_mv(self, coefficients: Float[Array, "N K"]) -> PyTree[Float[Array, "..."]]:
+        """`A e` for the square root `A` of this operator (`A A^T = C`).
 
-        `A = sqrt(factor) [J_1^T B_1, ..., J_N^T B_N]` maps `e` of shape
-        `(N, K)` (see `sqrt_shape`) to a params-shaped pytree. With `e` standard
-        normal, `A e ~ N(0, C)`: the curvature part of an exact posterior sample.
+        `A = sqrt(scale) [J_1^T B_1, ..., J_N^T B_N]` maps `e` of shape `(N, K)`
+        (see `sqrt_shape`) to a params-shaped pytree. With `e` standard normal,
+        `A e ~ N(0, C)`: the curvature part of an exact posterior sample.
         """
-        model = _core.batched_model(self.model_fn, self.vmap_over_data)
+        coefficients = self._check_coefficients(coefficients)
+        model = self._model()
 
         def on_chunk(data, indices, weights):
             (inputs, targets), chunk_coefficients = data
-
-            def factors(outputs):
-                scaled = self._likelihood_factors(outputs, targets, indices)
-                return scaled * weights[:, None, None].astype(scaled.dtype)
-
-            return _core.batch_sqrt_mv(
-                model, self.params, inputs, factors, chunk_coefficients
+            outputs, vjp_fn = jax.vjp(lambda p: model(inputs, p), self.params)
+            factors = self._likelihood_factors(outputs, targets, indices)
+            cotangents = _core.weighted_outputs(
+                factors,
+                _core.weighted(weights, chunk_coefficients).astype(factors.dtype),
+                outputs.shape,
             )
+            (result,) = vjp_fn(cotangents)
+            return result
 
         total = _core.chunked_sum(
             on_chunk, (self.data, coefficients), self.num_data, self.chunk_size
         )
-        return _scale(total, jnp.sqrt(self.scale))
+        return _core.scaled(total, jnp.sqrt(self.scale))
 
     def sqrt_shape(self) -> tuple[int, int]:
         """`(N, K)`: the shape of the coefficients `sqrt_mv` takes."""
         return (self.num_data, self._num_columns())
 
-    def as_matrix(self) -> Float[Array, "P P"]:
-        size = self.in_size()
-        if self.num_data * self._num_columns() < size:
+    @eqx.filter_jit
+    def as_matrix(self, algorithm: str | None = None) -> Float[Array, "P P"]:
+        """The dense `(P, P)` matrix, in `ravel_pytree` order.
 
-            def gram(rows):
-                flat = jnp.concatenate(
-                    [row.reshape(-1, row[0, 0].size) for row in jtu.tree_leaves(rows)],
-                    axis=1,
-                )  # (n K, P), in ravel_pytree order
-                return flat.T @ flat
-
-            gram = self._per_datum_sum(gram, self.chunk_size)
-            return gram * self.scale.astype(gram.dtype)
-        return _dense_from_mv(self.linearise())
-
-    def diagonal(self) -> Float[Array, " P"]:
-        """The exact diagonal `factor * sum_{n,k} (J_n^T B_n)_{:,k}^2`, flattened.
-
-        The squared rows are accumulated chunk by chunk, elementwise, in a buffer
-        of about `_ROWS_BYTES` (CPU) or `_ACCELERATOR_ROWS_BYTES`; only then are its
-        rows summed.
+        `algorithm="rows"`: the per-datum rows `R_n = B_n^T J_n` (`K` `vjp`s per
+        datum), accumulated as `sum_chunks R_c^T R_c` in chunks of data, so memory
+        is `chunk K P + P^2`. `"mv"`: `P` linearised products with the basis
+        vectors. `None` (default): the cheaper of the two, estimated from XLA's
+        cost analysis of the model's forward, `mv` and rows computations.
         """
-        squares = self._per_datum_sum(
-            ft.partial(jtu.tree_map, jnp.square), self._rows_chunk_size()
-        )
-        diag = jfu.ravel_pytree(jtu.tree_map(_sum_rows, squares))[0]
-        return diag * self.scale.astype(diag.dtype)
+        if self._dense_route(_check_algorithm(algorithm)) == "mv":
+            return _core.dense_from_mv(self.linearise().mv, self.in_structure())
 
+        def gram(rows):
+            flat = _core.flat_rows(rows)
+            return flat.T @ flat
+
+        matrix = self._rows_sum(gram, self._rows_chunk_size(_GRAM_BYTES))
+        return _core.scaled(matrix, self.scale)
+
+    @eqx.filter_jit
+    def diagonal(self, algorithm: str | None = None) -> Float[Array, " P"]:
+        """The exact diagonal, flat `(P,)` in `ravel_pytree` order.
+
+        `algorithm="rows"`: `scale * sum_{n,k} (R_n)_{k,:}^2` from the per-datum
+        rows, squared and accumulated chunk by chunk; `"mv"`: from `P` linearised
+        products; `None`: the cheaper (see `as_matrix`).
+        """
+        if self._dense_route(_check_algorithm(algorithm), diagonal=True) == "mv":
+            return _core.dense_from_mv(
+                self.linearise().mv, self.in_structure(), diagonal_only=True
+            )
+        squares = self._rows_sum(
+            ft.partial(jtu.tree_map, jnp.square), self._rows_chunk_size(_ROWS_BYTES)
+        )
+        diag = jfu.ravel_pytree(jtu.tree_map(_core.sum_rows, squares))[0]
+        return _core.scaled(diag, self.scale)
+
+    @eqx.filter_jit
     def linearise(self) -> "LinearisedCurvatureOperator":
-        """Do the primal work once: the forward pass and the factors `B_n`.
+        """Do the primal work once: the forward pass and the output-space state.
 
         Returns an operator with the same numbers whose `mv` costs one linear
-        `jvp` and one `vjp`. With `chunk_size` set, only the factors are kept
-        (activations would grow with the data) and each `mv` redoes the forward
-        pass chunk by chunk. Equal to `lineax.linearise(operator)`.
+        `jvp` and one `vjp`. With `chunk_size` set, only the per-datum state is
+        kept (activations would grow with the data) and each `mv` redoes the
+        forward pass chunk by chunk. Equal to `lineax.linearise(operator)`.
         """
         return LinearisedCurvatureOperator(self)
 
@@ -322,98 +406,167 @@ class AbstractCurvatureOperator(lx.AbstractLinearOperator):
     def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         return _structure(self.params)
 
+    def __repr__(self) -> str:
+        if isinstance(self.scale, jax.core.Tracer):
+            return eqx.tree_pformat(self)
+        shown = _Shown(float(np.asarray(self.scale)))
+        return eqx.tree_pformat(eqx.tree_at(lambda o: o.scale, self, shown))
+
+    def _model(self) -> Callable:
+        return _core.batched_model(self.model_fn, self.vmap_over_data)
+
     def _num_columns(self) -> int:
         inputs, targets = jtu.tree_map(lambda leaf: leaf[:1], self.data)
-        model = _core.batched_model(self.model_fn, self.vmap_over_data)
         shape = jax.eval_shape(
             lambda: self._likelihood_factors(
-                model(inputs, self.params), targets, jnp.zeros(1, int)
+                self._model()(inputs, self.params), targets, jnp.zeros(1, int)
             )
         ).shape
         return shape[-1]
 
-    def _rows_chunk_size(self) -> int:
-        """Data points per chunk whose rows `B_n^T J_n` take about `_ROWS_BYTES`."""
+    def _check_coefficients(self, coefficients: Array) -> Array:
+        if jnp.shape(coefficients) != self.sqrt_shape():
+            raise ValueError(
+                f"coefficients must have shape sqrt_shape() = {self.sqrt_shape()}; "
+                f"got {jnp.shape(coefficients)}."
+            )
+        return coefficients
+
+    def _rows_chunk_size(self, budget: int) -> int:
+        """Data points per chunk whose rows `B_n^T J_n` take about `budget` bytes."""
         row_bytes = self._num_columns() * sum(
             leaf.size * leaf.dtype.itemsize for leaf in jtu.tree_leaves(self.params)
         )
-        cpu = jax.default_backend() == "cpu"
-        budget = _ROWS_BYTES if cpu else _ACCELERATOR_ROWS_BYTES
+        if jax.default_backend() != "cpu":
+            budget = max(budget, _ACCELERATOR_ROWS_BYTES)
         size = max(1, budget // row_bytes)
         if self.chunk_size is not None:
             size = min(size, self.chunk_size)
         return _core.layout_chunk_size(self.num_data, size)
 
-    def _per_datum_sum(
+    def _rows(self, inputs, targets, indices) -> PyTree[Float[Array, "n K ..."]]:
+        return _core.per_datum_rows(
+            self.model_fn,
+            self.vmap_over_data,
+            self.params,
+            inputs,
+            targets,
+            indices,
+            self._likelihood_factors,
+        )
+
+    def _rows_sum(
         self, reduce: Callable[[PyTree[Array]], PyTree[Array]], chunk_size: int | None
     ) -> PyTree[Array]:
         """`sum_chunks reduce(rows)`; `rows` is params-shaped, leaves `(n, K, ...)`."""
 
         def on_chunk(data, indices, weights):
-            inputs, targets = data
-            rows = _core.per_datum_gradients(
-                self.model_fn,
-                self.vmap_over_data,
-                self.params,
-                inputs,
-                targets,
-                indices,
-                self._likelihood_factors,
-            )
-
-            def weigh(row):
-                return row * weights.astype(row.dtype).reshape(
-                    -1, *(1,) * (row.ndim - 1)
-                )
-
-            return reduce(jtu.tree_map(weigh, rows))
+            rows = self._rows(*data, indices)
+            return reduce(jtu.tree_map(ft.partial(_core.weighted, weights), rows))
 
         return _core.chunked_sum(on_chunk, self.data, self.num_data, chunk_size)
 
+    def _dense_route(self, algorithm: str | None, *, diagonal: bool = False) -> str:
+        """`algorithm`, or the cheaper route for a dense matrix (or its diagonal).
 
-# Per-datum gradients are computed in chunks of about this many bytes: on a CPU,
-# small enough to stay in cache; on an accelerator, large enough that the scan over
-# the chunks takes few steps (each step costs kernel launches).
+        Each route's cost is `flops / rate + bytes / bandwidth`, with the flops and
+        bytes from XLA's cost analysis of the lowered (not compiled) computations
+        over the whole data: the rows route is the per-datum rows plus the
+        accumulation (`2 N K P^2` flops for the matrix, `2 N K P` for the
+        diagonal), at the rate of a large matrix product; the `mv` route is `P`
+        linearised products (an `mv` less its forward pass) at the rate of the
+        model's own computations.
+        """
+        if algorithm is not None:
+            return algorithm
+        dynamic, static = eqx.partition(self, eqx.is_array)
+        abstract = jtu.tree_map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), dynamic
+        )
+
+        def cost(method, *args):
+            def fn(dynamic, *args):
+                return method(eqx.combine(dynamic, static), *args)
+
+            analysis = jax.jit(fn).lower(abstract, *args).cost_analysis()
+            return analysis.get("flops", 0.0), analysis.get("bytes accessed", 0.0)
+
+        indices = jax.ShapeDtypeStruct((self.num_data,), jnp.int32)
+        rows_flops, rows_bytes = cost(lambda op, i: op._rows(*op.data, i), indices)
+        forward_flops, forward_bytes = cost(
+            lambda op: op._model()(op.data[0], op.params)
+        )
+        mv_flops, mv_bytes = cost(lambda op, v: op.mv(v), self.in_structure())
+        size, columns = self.in_size(), self._num_columns()
+        accumulate = 2 * self.num_data * columns * size * (1 if diagonal else size)
+        rows = (
+            rows_flops / _MODEL_FLOPS + accumulate / _MATMUL_FLOPS
+        ) + rows_bytes / _BANDWIDTH
+        linear_flops = max(mv_flops - forward_flops, 0.0)
+        linear_bytes = max(mv_bytes - forward_bytes, 0.0)
+        mv = size * (linear_flops / _MODEL_FLOPS + linear_bytes / _BANDWIDTH)
+        return "rows" if rows <= mv else "mv"
+
+
+# Per-datum rows are computed in chunks of about this many bytes: on a CPU, small
+# enough to stay in cache (a diagonal) or large enough for an efficient matrix
+# product (a dense matrix); on an accelerator, large enough that the scan over the
+# chunks takes few steps (each step costs kernel launches).
 _ROWS_BYTES = 2**22
+_GRAM_BYTES = 2**24
 _ACCELERATOR_ROWS_BYTES = 2**28
 
+# The cost model of `_dense_route`: flops per second of a large matrix product and
+# of a model's own (smaller, less regular) computations, and bytes per second.
+_MATMUL_FLOPS = 1e11
+_MODEL_FLOPS = 1e10
+_BANDWIDTH = 1e10
 
-def _sum_rows(leaf: Float[Array, "n K ..."]) -> Float[Array, "..."]:
-    """`leaf.sum((0, 1))`, as a matrix-vector product: XLA:CPU is slow to reduce
-    over leading axes."""
-    rows = leaf.shape[0] * leaf.shape[1]
-    return (jnp.ones(rows, leaf.dtype) @ leaf.reshape(rows, -1)).reshape(leaf.shape[2:])
+
+def _is_concrete_nonnegative(value) -> bool:
+    """A Python, numpy or concrete JAX real scalar `>= 0`."""
+    if isinstance(value, jax.core.Tracer) or not eqx.is_array_like(value):
+        return False
+    value = np.asarray(value)
+    return value.ndim == 0 and np.isrealobj(value) and bool(value >= 0)
 
 
-def _dense_from_mv(operator: lx.AbstractLinearOperator) -> Array:
-    structure = operator.in_structure()
-    zeros = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), structure)
-    flat, unravel = jfu.ravel_pytree(zeros)
-    basis = jnp.eye(flat.size, dtype=flat.dtype)
-    columns = jax.lax.map(
-        lambda e: jfu.ravel_pytree(operator.mv(unravel(e)))[0],
-        basis,
-        batch_size=min(flat.size, 64),
+def with_scale(
+    operator: "AbstractCurvatureOperator | LinearisedCurvatureOperator", scalar
+) -> "AbstractCurvatureOperator | LinearisedCurvatureOperator":
+    """The same operator with its `scale` multiplied by `scalar` (at least float32)."""
+    if isinstance(operator, LinearisedCurvatureOperator):
+        return eqx.tree_at(
+            lambda o: o.operator, operator, with_scale(operator.operator, scalar)
+        )
+    scale = operator.scale
+    return eqx.tree_at(
+        lambda o: o.scale, operator, (scale * jnp.asarray(scalar, scale.dtype))
     )
-    return columns.T
 
 
-class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
-    """A curvature operator with its primal work done: see `linearise()`."""
+class LinearisedCurvatureOperator(_AbstractScalable):
+    """A curvature operator with its primal work done: see `linearise()`.
+
+    It has every method of the curvature operator it came from, with the same
+    numbers. It keeps the per-datum output-space state (the factors `B_n`, or for
+    the GGN the outputs: O(N O), not O(N O^2)) and, without chunking, the
+    linearised model.
+    """
 
     operator: AbstractCurvatureOperator
-    likelihood_factors: Float[Array, "N O K"]
+    output_state: PyTree
     jvp_fn: Callable | None
 
     def __init__(self, operator: AbstractCurvatureOperator):
         self.operator = operator
         inputs, targets = operator.data
-        model = _core.batched_model(operator.model_fn, operator.vmap_over_data)
+        model = operator._model()
         if _core.num_chunks(operator.num_data, operator.chunk_size) == 1:
             outputs, self.jvp_fn = jax.linearize(
                 lambda p: model(inputs, p), operator.params
             )
-            self.likelihood_factors = operator._likelihood_factors(
+            self.output_state = operator._output_state(
                 outputs, targets, jnp.arange(operator.num_data)
             )
         else:
@@ -421,63 +574,95 @@ class LinearisedCurvatureOperator(lx.AbstractLinearOperator):
 
             def on_chunk(data, indices):
                 outputs = model(data[0], operator.params)
-                return operator._likelihood_factors(outputs, data[1], indices)
+                return operator._output_state(outputs, data[1], indices)
 
-            self.likelihood_factors = _core.chunked_map(
+            self.output_state = _core.chunked_map(
                 on_chunk, operator.data, operator.num_data, operator.chunk_size
             )
 
+    @property
+    def scale(self) -> Float[Array, ""]:
+        return self.operator.scale
+
+    @eqx.filter_jit
     def mv(self, vector):
-        _check_vector(self, vector)
+        vector = _check_vector(self, vector)
         operator = self.operator
         if self.jvp_fn is not None:
             total = _core.linearised_mv(
-                self.jvp_fn, operator.params, self.likelihood_factors, vector
+                self.jvp_fn,
+                operator.params,
+                ft.partial(operator._state_mv, self.output_state),
+                vector,
             )
-        else:
-            model = _core.batched_model(operator.model_fn, operator.vmap_over_data)
+            return _core.scaled(total, operator.scale)
+        model = operator._model()
+        # The state travels as `(N, -1)` arrays: XLA copies an `(N, O, 1)` array
+        # (for its layout) on every `mv`.
+        leaves, treedef = jtu.tree_flatten(self.output_state)
+        shapes = [leaf.shape[1:] for leaf in leaves]
+        flat = [leaf.reshape(operator.num_data, -1) for leaf in leaves]
 
-            num_data, *shape = self.likelihood_factors.shape
-
-            def on_chunk(data, indices, weights):
-                inputs, factors = data
-                factors = factors.reshape(-1, *shape)
-
-                def scaled(outputs):
-                    del outputs
-                    return factors * weights[:, None, None].astype(factors.dtype)
-
-                return _core.batch_mv(model, operator.params, inputs, scaled, vector)
-
-            # The factors travel as `(N, O K)`: XLA copies an `(N, O, 1)` array
-            # (for its layout) on every `mv`.
-            total = _core.chunked_sum(
-                on_chunk,
-                (operator.data[0], self.likelihood_factors.reshape(num_data, -1)),
-                operator.num_data,
-                operator.chunk_size,
+        def on_chunk(data, indices, weights):
+            inputs, chunk_state = data
+            state = jtu.tree_unflatten(
+                treedef,
+                [
+                    leaf.reshape(-1, *shape)
+                    for leaf, shape in zip(chunk_state, shapes, strict=True)
+                ],
             )
-        return _scale(total, operator.scale)
+            _, jvp_fn = jax.linearize(lambda p: model(inputs, p), operator.params)
+            return _core.linearised_mv(
+                jvp_fn,
+                operator.params,
+                lambda t: _core.weighted(weights, operator._state_mv(state, t)),
+                vector,
+            )
 
+        total = _core.chunked_sum(
+            on_chunk,
+            (operator.data[0], flat),
+            operator.num_data,
+            operator.chunk_size,
+        )
+        return _core.scaled(total, operator.scale)
+
+    @eqx.filter_jit
     def sqrt_mv(self, coefficients: Float[Array, "N K"]) -> PyTree:
-        """As `AbstractCurvatureOperator.sqrt_mv`, with the stored factors."""
+        """As `AbstractCurvatureOperator.sqrt_mv`, from the stored state."""
         operator = self.operator
         if self.jvp_fn is None:
             return operator.sqrt_mv(coefficients)
+        coefficients = operator._check_coefficients(coefficients)
+        factors = operator._state_factors(self.output_state)
+        shape = jax.eval_shape(self.jvp_fn, operator.params).shape
         (total,) = jax.linear_transpose(self.jvp_fn, operator.params)(
-            _core.weighted_outputs(
-                self.likelihood_factors,
-                coefficients,
-                jax.eval_shape(self.jvp_fn, operator.params).shape,
-            )
+            _core.weighted_outputs(factors, coefficients.astype(factors.dtype), shape)
         )
-        return _scale(total, jnp.sqrt(operator.scale))
+        return _core.scaled(total, jnp.sqrt(operator.scale))
 
     def sqrt_shape(self) -> tuple[int, int]:
-        return self.likelihood_factors.shape[0], self.likelihood_factors.shape[2]
+        return self.operator.sqrt_shape()
 
-    def as_matrix(self):
-        return self.operator.as_matrix()
+    @eqx.filter_jit
+    def as_matrix(self, algorithm: str | None = None):
+        """As `AbstractCurvatureOperator.as_matrix`; the `mv` route uses this
+        operator's (linearised) products."""
+        if self.operator._dense_route(_check_algorithm(algorithm)) == "rows":
+            return self.operator.as_matrix("rows")
+        return _core.dense_from_mv(self.mv, self.in_structure())
+
+    @eqx.filter_jit
+    def diagonal(self, algorithm: str | None = None):
+        """As `AbstractCurvatureOperator.diagonal`, flat `(P,)`."""
+        route = self.operator._dense_route(_check_algorithm(algorithm), diagonal=True)
+        if route == "rows":
+            return self.operator.diagonal("rows")
+        return _core.dense_from_mv(self.mv, self.in_structure(), diagonal_only=True)
+
+    def linearise(self) -> "LinearisedCurvatureOperator":
+        return self
 
     def transpose(self):
         return self
@@ -528,11 +713,11 @@ def mc_arguments(loss_fn, key, mc_samples) -> tuple[AbstractLikelihood, int]:
 class EmpiricalFisherOperator(AbstractCurvatureOperator):
     r"""The empirical Fisher as a lineax operator.
 
-    $$F v = \text{factor} \sum_n J_n^\top g_n g_n^\top J_n v, \qquad
+    $$F v = \text{scale} \sum_n J_n^\top g_n g_n^\top J_n v, \qquad
     g_n = \nabla_{f} c(y_n, f_n),$$
 
     with `J_n` the Jacobian of `model_fn(x_n, ·)` at `params` and
-    `factor = num_total_samples / num_curv_samples` (by default 1: a plain sum
+    `scale = num_total_samples / num_curv_samples` (by default 1: a plain sum
     over the data given).
 
     **Arguments:**
@@ -630,7 +815,7 @@ def _check_key(key) -> None:
 class MCFisherOperator(AbstractCurvatureOperator):
     r"""The Monte-Carlo Fisher as a lineax operator.
 
-    $$F v = \frac{\text{factor}}{M} \sum_{n,m} J_n^\top g_{nm} g_{nm}^\top J_n v,
+    $$F v = \frac{\text{scale}}{M} \sum_{n,m} J_n^\top g_{nm} g_{nm}^\top J_n v,
     \qquad g_{nm} = \nabla_f c(\tilde y_{nm}, f_n),\quad
     \tilde y_{nm} \sim r(y \mid f_n) \propto e^{-c(y, f_n)},$$
 
@@ -721,7 +906,7 @@ class MCFisherOperator(AbstractCurvatureOperator):
 class GGNOperator(AbstractCurvatureOperator):
     r"""The generalised Gauss-Newton matrix (the exact Fisher) as a lineax operator.
 
-    $$G v = \text{factor} \sum_n J_n^\top H_n J_n v, \qquad
+    $$G v = \text{scale} \sum_n J_n^\top H_n J_n v, \qquad
     H_n = \nabla^2_f c(y_n, f_n) = B_n B_n^\top,$$
 
     with `B_n` the likelihood's `hessian_sqrt`: `sqrt(2) I` for mse,
@@ -776,17 +961,26 @@ class GGNOperator(AbstractCurvatureOperator):
         self.chunk_size = chunk_size
 
     def _likelihood_factors(self, outputs, targets, indices):
+        return self._state_factors(self._output_state(outputs, targets, indices))
+
+    def _output_state(self, outputs, targets, indices):
         del indices
-        targets = self.likelihood.prepare_targets(targets, outputs)
+        return outputs, self.likelihood.prepare_targets(targets, outputs)
+
+    def _state_factors(self, state):
+        outputs, targets = state
         factors = jax.vmap(self.likelihood.hessian_sqrt)(outputs, targets)
         return factors.astype(outputs.dtype)
+
+    def _state_mv(self, state, tangents):
+        outputs, targets = state
+        products = jax.vmap(self.likelihood.hessian_mv)(outputs, targets, tangents)
+        return products.astype(tangents.dtype)
 
 
 # --------------------------------------------------------------------------- #
 # lineax's single-dispatch queries.
 # --------------------------------------------------------------------------- #
-
-_Curvature = AbstractCurvatureOperator | LinearisedCurvatureOperator
 
 
 @lx.linearise.register(AbstractCurvatureOperator)
@@ -824,13 +1018,9 @@ def _(operator):
 
 
 @lx.diagonal.register(AbstractCurvatureOperator)
-def _(operator):
-    return operator.diagonal()
-
-
 @lx.diagonal.register(LinearisedCurvatureOperator)
 def _(operator):
-    return operator.operator.diagonal()
+    return operator.diagonal()
 
 
 @lx.tridiagonal.register(AbstractCurvatureOperator)

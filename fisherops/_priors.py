@@ -9,6 +9,11 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
+from ._operators import (
+    AbstractCurvatureOperator,
+    LinearisedCurvatureOperator,
+    with_scale,
+)
 from ._queries import register_symmetric_psd
 
 
@@ -137,6 +142,10 @@ def scale(
     value (it cannot see its sign), so CG and Cholesky would refuse it. Use this for
     a temperature or a noise precision: `fisherops.scale(fisher, 1 / T) + prior`.
 
+    A fisherops curvature operator comes back as the same kind of operator with
+    its `scale` multiplied, so `sqrt_mv`, `diagonal` and chunking are kept; any
+    other PSD operator comes back tagged symmetric PSD.
+
     **Arguments:**
 
     - `operator`: a symmetric PSD operator (a curvature operator, a prior, a sum).
@@ -152,6 +161,8 @@ def scale(
         raise ValueError(f"scalar must be a scalar; got shape {jnp.shape(scalar)}.")
     if not isinstance(scalar, jax.core.Tracer) and np.asarray(scalar) < 0:
         raise ValueError(f"scalar must be non-negative; got {scalar}.")
+    if isinstance(operator, AbstractCurvatureOperator | LinearisedCurvatureOperator):
+        return with_scale(operator, scalar)
     return lx.TaggedLinearOperator(
         operator * scalar, (lx.symmetric_tag, lx.positive_semidefinite_tag)
     )
