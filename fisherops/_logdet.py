@@ -1,9 +1,25 @@
-"""Log-determinants `log det(C + diag(d))` of a curvature operator plus a
-diagonal: dense (Cholesky) or stochastic Lanczos quadrature.
+r"""Log-determinants `log det(C + Λ)` of a curvature `C` plus a diagonal prior
+precision `Λ = diag(d)`, `d > 0`.
+
+- `"dense"`: Cholesky of `C.as_matrix() + Λ`; exact, and an error (never a NaN)
+  when the sum is not positive definite in the working precision.
+- `"eigh"`: the eigendecomposition of `I + Λ^{-1/2} C Λ^{-1/2}` with its
+  eigenvalues clipped at 1 (rounding can push them below): finite for every
+  `d > 0`, also in float32 where the Cholesky breaks down for small `d`.
+- `"slq"`: stochastic Lanczos quadrature, without a `P x P` matrix.
+- `"auto"`: `"dense"` up to 8192 params, falling back to `"eigh"` where the
+  Cholesky breaks down; `"slq"` above.
+- A [`fisherops.KFACOperator`][] uses its exact Kronecker log-determinant whenever
+  the prior is constant within its blocks (scalar and layerwise priors).
+
+Every method is differentiable in `d` and in the curvature's arrays: the dense
+ones exactly (`d log det P = tr(P^{-1} dP)` from the same factorisation), SLQ
+by the same probes' estimate of `tr(P^{-1} dP)`.
 
 Vectors here are flat `(P,)` in `jax.flatten_util.ravel_pytree` order.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -17,12 +33,15 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
 from ._checks import _check_key, _check_method, _check_positive_int
+from ._kfac import KFACOperator
+from ._priors import PriorPrecision
 
-# `method="auto"` is dense up to this many params (a float64 `P x P` matrix of
-# this size is 0.5 GB), stochastic above it.
+# `"auto"` is dense up to this many params (a float64 `P x P` matrix of this
+# size is 0.5 GB), stochastic above it.
 _DENSE_MAX_SIZE = 8192
 
-LogdetMethod = Literal["auto", "dense", "slq"]
+LogdetMethod = Literal["auto", "dense", "eigh", "slq"]
+_METHODS = ("auto", "dense", "eigh", "slq")
 
 
 def _unraveller(structure: PyTree[jax.ShapeDtypeStruct]) -> Callable:
@@ -32,6 +51,10 @@ def _unraveller(structure: PyTree[jax.ShapeDtypeStruct]) -> Callable:
 
 def _ravel(tree: PyTree) -> Array:
     return jfu.ravel_pytree(tree)[0]
+
+
+def _dtype(operator: lx.AbstractLinearOperator) -> jnp.dtype:
+    return jnp.result_type(*jtu.tree_leaves(operator.in_structure()))
 
 
 class _FlatMV(eqx.Module):
@@ -44,155 +67,409 @@ class _FlatMV(eqx.Module):
         return _ravel(self.operator.mv(unravel(vector)))
 
 
+def _stop_gradient(tree: PyTree) -> PyTree:
+    arrays, static = eqx.partition(tree, eqx.is_inexact_array)
+    return eqx.combine(lax.stop_gradient(arrays), static)
+
+
+# --------------------------------------------------------------------------- #
+# Dense: Cholesky or eigendecomposition, with the exact derivative.
+# --------------------------------------------------------------------------- #
+
+_NOT_POSITIVE_DEFINITE = (
+    "log det(C + Λ) by Cholesky: C + Λ is not positive definite in this "
+    "precision (float32 with a small prior precision?); use "
+    "logdet_method='eigh' (or 'auto'), which stays finite for every Λ > 0."
+)
+
+
+def _cholesky_logdet(
+    matrix: Float[Array, "P P"], diagonal: Float[Array, " P"], inverse: bool
+) -> tuple[Scalar, Float[Array, "P P"] | None]:
+    factor = jnp.linalg.cholesky(matrix + jnp.diag(diagonal))
+    value = 2 * jnp.sum(jnp.log(jnp.diagonal(factor)))
+    if not inverse:
+        return value, None
+    identity = jnp.eye(diagonal.size, dtype=diagonal.dtype)
+    return value, jax.scipy.linalg.cho_solve((factor, True), identity)
+
+
+def _eigh_logdet(
+    matrix: Float[Array, "P P"], diagonal: Float[Array, " P"], inverse: bool
+) -> tuple[Scalar, Float[Array, "P P"] | None]:
+    """`log det(C + D) = sum log d + sum log θ`, `θ` the eigenvalues of
+    `M = I + D^{-1/2} C D^{-1/2}`, clipped at 1; `P^{-1} = D^{-1/2} M^{-1} D^{-1/2}`."""
+    scale = lax.rsqrt(diagonal)
+    whitened = scale[:, None] * matrix * scale[None, :]
+    theta, vectors = jnp.linalg.eigh(
+        whitened + jnp.eye(diagonal.size, dtype=diagonal.dtype)
+    )
+    theta = jnp.maximum(theta, 1)
+    value = jnp.sum(jnp.log(diagonal)) + jnp.sum(jnp.log(theta))
+    if not inverse:
+        return value, None
+    half = scale[:, None] * vectors * lax.rsqrt(theta)[None, :]
+    return value, half @ half.T
+
+
+def _factorised(
+    matrix: Float[Array, "P P"],
+    diagonal: Float[Array, " P"],
+    method: str,
+    inverse: bool,
+) -> tuple[Scalar, Float[Array, "P P"] | None]:
+    """`log det(matrix + diag(diagonal))` and, if asked, the inverse of the sum."""
+    if method == "eigh":
+        return _eigh_logdet(matrix, diagonal, inverse)
+    value, inv = _cholesky_logdet(matrix, diagonal, inverse)
+    if method == "dense":
+        value = eqx.error_if(value, ~jnp.isfinite(value), _NOT_POSITIVE_DEFINITE)
+        return value, inv
+    # "auto": the Cholesky unless it broke down.
+    return lax.cond(
+        jnp.isfinite(value),
+        lambda: (value, inv),
+        lambda: _eigh_logdet(matrix, diagonal, inverse),
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _dense_logdet(
-    curvature: Float[Array, "P P"], prior_diagonal: Float[Array, " P"]
+    matrix: Float[Array, "P P"], diagonal: Float[Array, " P"], method: str
 ) -> Scalar:
-    """`log det(C + diag(d))` by Cholesky; differentiable in both."""
-    factor = jnp.linalg.cholesky(curvature + jnp.diag(prior_diagonal))
-    return 2 * jnp.sum(jnp.log(jnp.diagonal(factor)))
+    """`log det(C + diag(d))`; its derivative `tr(P^{-1} dC) + diag(P^{-1}) . dd`
+    comes from the same factorisation, so it is finite wherever the value is."""
+    return _factorised(matrix, diagonal, method, inverse=False)[0]
+
+
+@_dense_logdet.defjvp
+def _dense_logdet_jvp(method, primals, tangents):
+    matrix, diagonal = primals
+    matrix_tangent, diagonal_tangent = tangents
+    value, inverse = _factorised(matrix, diagonal, method, inverse=True)
+    return value, (
+        jnp.sum(inverse * matrix_tangent) + jnp.diagonal(inverse) @ diagonal_tangent
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Stochastic Lanczos quadrature.
+# --------------------------------------------------------------------------- #
 
 
 def _lanczos(
-    matvec: Callable[[Array], Array], starts: Float[Array, "S P"], num_steps: int
-) -> tuple[Float[Array, "S m P"], Float[Array, "S m"], Float[Array, "S m-1"]]:
-    """`num_steps` of fully reorthogonalised Lanczos from each row of `starts`.
+    matvec: Callable[[Array], Array], start: Float[Array, " P"], num_steps: int
+) -> tuple[Float[Array, "m P"], Float[Array, " m"], Float[Array, " m-1"]]:
+    """`num_steps` of fully reorthogonalised Lanczos from one start vector.
 
-    All `S` runs advance together (one vmapped `matvec` per step). Returns the
-    orthonormal bases `Q` (`Q[s]` the rows of run `s`) and the tridiagonals
-    `T = Q M Q^T` as diagonals and off-diagonals. On breakdown (an invariant
-    subspace found before `num_steps`) the remaining rows of `Q` are zero and `T`
-    continues with a decoupled identity block, which carries zero quadrature
-    weight.
+    Returns the orthonormal basis `Q` (rows) and the tridiagonal `T = Q M Q^T` as
+    its diagonal and off-diagonal. On breakdown (an invariant subspace found
+    before `num_steps`) the remaining rows of `Q` are zero and `T` continues with
+    a decoupled identity block, which carries zero quadrature weight. Memory:
+    `(num_steps + 1) x P`.
     """
-    dtype = starts.dtype
-    eps = jnp.finfo(dtype).eps
-    batched_matvec = jax.vmap(matvec)
-    num_runs, size = starts.shape
-    basis = jnp.zeros((num_runs, num_steps + 1, size), dtype)
-    basis = basis.at[:, 0].set(starts / jnp.linalg.norm(starts, axis=1, keepdims=True))
+    dtype = start.dtype
+    tiny = 100 * jnp.finfo(dtype).eps
+    basis = jnp.zeros((num_steps + 1, start.size), dtype)
+    basis = basis.at[0].set(start / jnp.linalg.norm(start))
 
     def step(i, carry):
         basis, diagonal, off, alive = carry
-        q = basis[:, i]
-        w = batched_matvec(q)
-        alpha = jnp.sum(q * w, axis=1)
-        size = jnp.linalg.norm(w, axis=1)
+        q = basis[i]
+        w = matvec(q)
+        alpha = q @ w
+        size = jnp.linalg.norm(w)
         # The three-term recurrence, then one classical Gram-Schmidt pass against
         # the whole basis (rows not reached yet are zero).
-        previous = basis[:, jnp.maximum(i - 1, 0)]
-        w = w - alpha[:, None] * q - off[jnp.maximum(i - 1, 0)][:, None] * previous
-        w = w - jnp.einsum("sk,skp->sp", jnp.einsum("skp,sp->sk", basis, w), basis)
-        beta = jnp.linalg.norm(w, axis=1)
-        broken = ~alive | (beta <= 100 * eps * size)
+        w = w - alpha * q - off[jnp.maximum(i - 1, 0)] * basis[jnp.maximum(i - 1, 0)]
+        w = w - (basis @ w) @ basis
+        beta = jnp.linalg.norm(w)
+        broken = ~alive | (beta <= tiny * size)
         scale = jnp.where(broken, 0, 1 / jnp.where(broken, 1, beta))
-        basis = basis.at[:, i + 1].set(w * scale[:, None])
+        basis = basis.at[i + 1].set(w * scale)
         diagonal = diagonal.at[i].set(jnp.where(alive, alpha, 1))
         off = off.at[i].set(jnp.where(broken, 0, beta))
         return basis, diagonal, off, ~broken
 
-    zeros = jnp.zeros((num_steps, num_runs), dtype)
-    alive = jnp.ones(num_runs, bool)
+    zeros = jnp.zeros(num_steps, dtype)
     basis, diagonal, off, _ = lax.fori_loop(
-        0, num_steps, step, (basis, zeros, zeros, alive)
+        0, num_steps, step, (basis, zeros, zeros, jnp.asarray(True))
     )
-    return basis[:, :num_steps], diagonal.T, off[: num_steps - 1].T
+    return basis[:num_steps], diagonal, off[: num_steps - 1]
+
+
+def _ritz(
+    diagonal: Float[Array, " m"], off: Float[Array, " m-1"]
+) -> tuple[Float[Array, " m"], Float[Array, "m m"]]:
+    """Eigenvalues and eigenvectors of one small tridiagonal (unbatched LAPACK)."""
+    tridiagonal = jnp.diag(diagonal) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    return jnp.linalg.eigh(tridiagonal)
+
+
+def _probe(key: PRNGKeyArray, index: Array, size: int, dtype) -> Float[Array, " P"]:
+    return jax.random.rademacher(jax.random.fold_in(key, index), (size,), dtype)
 
 
 def _slq_logdet(
-    curvature_mv: Callable[[Array], Array],
-    prior_diagonal: Float[Array, " P"],
-    probes: Float[Array, "S P"],
+    curvature: lx.AbstractLinearOperator,
+    diagonal: Float[Array, " P"],
+    key: PRNGKeyArray,
+    num_probes: int,
     num_steps: int,
 ) -> Scalar:
     r"""`log det(C + D)` by stochastic Lanczos quadrature, `D = diag(d) > 0`.
 
-    With `M = I + D^{-1/2} C D^{-1/2}` (all eigenvalues >= 1),
-    `log det(C + D) = sum_i log d_i + tr log M`, and for each probe `v`
+    With `M = I + D^{-1/2} C D^{-1/2}` (eigenvalues >= 1),
+    `log det(C + D) = sum_i log d_i + tr log M`; for each Rademacher probe `v`,
     `v^T log(M) v ≈ |v|^2 sum_k U_{0k}^2 log θ_k` from the Lanczos tridiagonal
-    `T = U diag(θ) U^T` started at `v`. The trace is the mean over the
-    Rademacher probes (Hutchinson).
+    `T = U diag(θ) U^T` started at `v`, and the trace is the probes' mean
+    (Hutchinson). The probes run one after another (`lax.scan`), so the memory is
+    one Lanczos basis, `num_steps x P`, whatever `num_probes`.
 
-    The gradient in `d` is `diag(P^{-1})`, estimated with the same probes from the
-    Lanczos solves `M^{-1} v ≈ |v| Q^T T^{-1} e_1`:
-    `diag(P^{-1})_i ≈ mean_s v_i (M^{-1} v)_i / d_i`. No gradient flows into `C`.
+    Derivative: `d log det P = tr(P^{-1} dC) + diag(P^{-1}) . dd`, estimated with
+    the same probes and the Lanczos solves `y ≈ M^{-1} v = |v| Q^T T^{-1} e_1`:
+    `tr(P^{-1} dC) ≈ mean (D^{-1/2} y)^T dC (D^{-1/2} v)` and
+    `diag(P^{-1}) ≈ mean y * v / d`. The value is the estimate; the gradient is
+    that of the estimator `mean_v (D^{-1/2} y)^T C (D^{-1/2} v)` in the
+    curvature's arrays (one extra `mv` per probe) plus the diagonal term.
     """
-    diagonal = lax.stop_gradient(prior_diagonal)
-    scale = lax.rsqrt(diagonal)
+    size = diagonal.size
+    fixed_diagonal = lax.stop_gradient(diagonal)
+    scale = lax.rsqrt(fixed_diagonal)
+    curvature_mv = _FlatMV(curvature)
+    fixed_mv = _FlatMV(_stop_gradient(curvature))
 
     def preconditioned_mv(v):
-        return v + scale * curvature_mv(scale * v)
+        return v + scale * fixed_mv(scale * v)
 
-    basis, alphas, betas = _lanczos(preconditioned_mv, probes, num_steps)
-
-    def quadrature(alphas, betas):
-        tridiagonal = jnp.diag(alphas) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
-        theta, vectors = jnp.linalg.eigh(tridiagonal)
-        theta = jnp.maximum(theta, jnp.finfo(theta.dtype).tiny)
+    def one_probe(carry, index):
+        log_forms, inverse_diagonal, coupling = carry
+        probe = _probe(key, index, size, diagonal.dtype)
+        basis, alphas, betas = _lanczos(preconditioned_mv, probe, num_steps)
+        theta, vectors = _ritz(alphas, betas)
+        theta = jnp.maximum(theta, 1)
         first = vectors[0]
-        # e_1^T log(T) e_1 and T^{-1} e_1
-        return jnp.sum(first**2 * jnp.log(theta)), vectors @ (first / theta)
+        norm = jnp.sqrt(jnp.asarray(size, diagonal.dtype))  # |v| of a Rademacher probe
+        log_form = size * jnp.sum(first**2 * jnp.log(theta))
+        solution = lax.stop_gradient(norm * ((vectors @ (first / theta)) @ basis))
+        # Only the curvature's arrays carry a derivative here.
+        coupling = coupling + (scale * solution) @ curvature_mv(scale * probe)
+        return (
+            log_forms + log_form,
+            inverse_diagonal + solution * probe,
+            coupling,
+        ), None
 
-    log_forms, inverse_first = jax.vmap(quadrature)(alphas, betas)
-    norm2 = jnp.sum(probes**2, axis=1)
-    solutions = jnp.sqrt(norm2)[:, None] * jnp.einsum(
-        "sk,skp->sp", inverse_first, basis
+    zero = jnp.zeros((), diagonal.dtype)
+    (log_forms, inverse_diagonal, coupling), _ = lax.scan(
+        one_probe, (zero, jnp.zeros_like(diagonal), zero), jnp.arange(num_probes)
     )
-    estimate = jnp.sum(jnp.log(diagonal)) + jnp.mean(norm2 * log_forms)
-    inverse_diagonal = jnp.mean(probes * solutions, axis=0) / diagonal
-    # Value: the estimate. Gradient in `d`: the estimate of diag(P^{-1}).
-    return lax.stop_gradient(estimate) + (prior_diagonal - diagonal) @ (
-        lax.stop_gradient(inverse_diagonal)
+    estimate = jnp.sum(jnp.log(fixed_diagonal)) + log_forms / num_probes
+    inverse_diagonal = lax.stop_gradient(inverse_diagonal / num_probes / fixed_diagonal)
+    coupling = coupling / num_probes
+    return (
+        lax.stop_gradient(estimate)
+        + (coupling - lax.stop_gradient(coupling))
+        + (diagonal - fixed_diagonal) @ inverse_diagonal
     )
 
 
-class _DenseLogdet(eqx.Module):
-    """`d -> log det(C + diag(d))` with the dense `C` computed once."""
+def _slq_spectrum(
+    curvature: lx.AbstractLinearOperator,
+    key: PRNGKeyArray,
+    num_probes: int,
+    num_steps: int,
+) -> tuple[Float[Array, "S m"], Float[Array, "S m"]]:
+    """Gauss quadrature nodes and weights of the spectral measure of `C` from the
+    same probes as `_slq_logdet`: `tr f(C) ≈ sum w f(nodes)` for any `f`, so
+    `log det(C + λ I)` for every `λ` comes from one Lanczos run per probe."""
+    size = curvature.in_size()
+    dtype = _dtype(curvature)
+    curvature_mv = _FlatMV(_stop_gradient(curvature))
 
-    curvature: Float[Array, "P P"]
+    def one_probe(index):
+        probe = _probe(key, index, size, dtype)
+        _, alphas, betas = _lanczos(curvature_mv, probe, num_steps)
+        theta, vectors = _ritz(alphas, betas)
+        return jnp.maximum(theta, 0), size * vectors[0] ** 2 / num_probes
 
-    def __call__(self, prior_diagonal: Float[Array, " P"]) -> Scalar:
-        return _dense_logdet(self.curvature, prior_diagonal)
+    return lax.map(one_probe, jnp.arange(num_probes))
+
+
+# --------------------------------------------------------------------------- #
+# The log-determinant as a function of the prior precision.
+# --------------------------------------------------------------------------- #
+
+
+class _Spectrum(eqx.Module):
+    """`λ -> sum_k w_k log(ν_k + λ)`: `log det(C + λ I)` from `C`'s spectrum
+    (its eigenvalues with weights 1, or SLQ's nodes and weights); `O(P)` per `λ`,
+    finite for every `λ > 0`."""
+
+    nodes: Array
+    weights: Array
+
+    def __call__(self, precisions: Float[Array, " 1"]) -> Scalar:
+        return jnp.sum(self.weights * jnp.log(self.nodes + precisions[0]))
+
+
+class _MatrixLogdet(eqx.Module):
+    """`λ_g -> log det(C + diag(λ[groups]))` with `C`'s dense matrix held."""
+
+    matrix: Float[Array, "P P"]
+    groups: Array
+    method: str = eqx.field(static=True)
+
+    def __call__(self, precisions: Float[Array, " G"]) -> Scalar:
+        return _dense_logdet(self.matrix, precisions[self.groups], self.method)
 
 
 class _SLQLogdet(eqx.Module):
-    """`d -> log det(C + diag(d))` by SLQ with fixed probes, `C` linearised once."""
+    """`λ_g -> log det(C + diag(λ[groups]))` by SLQ with fixed probes."""
 
-    curvature_mv: _FlatMV
-    probes: Float[Array, "S P"]
+    curvature: lx.AbstractLinearOperator
+    groups: Array
+    key: PRNGKeyArray
+    num_probes: int = eqx.field(static=True)
     num_steps: int = eqx.field(static=True)
 
-    def __call__(self, prior_diagonal: Float[Array, " P"]) -> Scalar:
+    def __call__(self, precisions: Float[Array, " G"]) -> Scalar:
         return _slq_logdet(
-            self.curvature_mv, prior_diagonal, self.probes, self.num_steps
+            self.curvature,
+            precisions[self.groups],
+            self.key,
+            self.num_probes,
+            self.num_steps,
         )
 
 
+class _KFACLogdet(eqx.Module):
+    """`λ_g -> log det(K + Λ)`, exact, for a scalar (`G = 1`) or layerwise
+    (`G` = number of params leaves) prior on a KFAC curvature."""
+
+    curvature: KFACOperator
+    params: PyTree
+
+    def __call__(self, precisions: Float[Array, " G"]) -> Scalar:
+        if precisions.size == 1:
+            precision = precisions[0]
+        else:
+            treedef = jtu.tree_structure(self.params)
+            precision = jtu.tree_unflatten(treedef, list(precisions))
+        return self.curvature.logdet(PriorPrecision(self.params, precision))
+
+
 @eqx.filter_jit
-def _as_matrix(operator: lx.AbstractLinearOperator) -> Array:
+def _as_matrix(operator: lx.AbstractLinearOperator) -> Float[Array, "P P"]:
     return operator.as_matrix()
 
 
-def _make_logdet(
-    curvature: lx.AbstractLinearOperator,
-    method: LogdetMethod,
-    key: PRNGKeyArray | None,
-    num_probes: int,
-    num_lanczos_steps: int,
-) -> _DenseLogdet | _SLQLogdet:
-    """The curvature work of a log-determinant, done once for many priors."""
-    method = _check_method("method", method, ("auto", "dense", "slq"))
-    size = curvature.in_size()
-    if method == "auto":
-        method = "dense" if size <= _DENSE_MAX_SIZE else "slq"
-    if method == "dense":
-        return _DenseLogdet(_as_matrix(curvature))
+def _resolve_method(curvature: lx.AbstractLinearOperator, method: str) -> str:
+    method = _check_method("logdet_method", method, _METHODS)
+    if method == "auto" and curvature.in_size() > _DENSE_MAX_SIZE:
+        return "slq"
+    return method
+
+
+def _slq_arguments(
+    key: PRNGKeyArray | None, num_probes: int, num_lanczos_steps: int, size: int
+) -> tuple[PRNGKeyArray, int, int]:
     num_probes = _check_positive_int("num_probes", num_probes)
     num_lanczos_steps = _check_positive_int("num_lanczos_steps", num_lanczos_steps)
     if key is None:
         key = jax.random.key(0)
     _check_key(key)
-    dtype = jnp.result_type(*jtu.tree_leaves(curvature.in_structure()))
-    probes = jax.random.rademacher(key, (num_probes, size), dtype)
-    return _SLQLogdet(
-        _FlatMV(lx.linearise(curvature)), probes, min(num_lanczos_steps, size)
+    return key, num_probes, min(num_lanczos_steps, size)
+
+
+def _exact_kfac(curvature: lx.AbstractLinearOperator, prior_precision) -> bool:
+    return isinstance(curvature, KFACOperator) and curvature.is_exact(prior_precision)
+
+
+_NOT_POSITIVE = (
+    "log det(C + Λ) needs a positive prior precision Λ; got a zero, negative or "
+    "non-finite entry."
+)
+
+
+def _checked_diagonal(prior_precision: PriorPrecision) -> Float[Array, " P"]:
+    diagonal = _ravel(prior_precision.full_diagonal())
+    return eqx.error_if(
+        diagonal, ~jnp.all(jnp.isfinite(diagonal) & (diagonal > 0)), _NOT_POSITIVE
+    )
+
+
+@eqx.filter_jit
+def _logdet(
+    curvature: lx.AbstractLinearOperator,
+    prior_precision: PriorPrecision,
+    method: str,
+    key: PRNGKeyArray | None,
+    num_probes: int,
+    num_steps: int,
+    exact_kfac: bool,
+) -> Scalar:
+    diagonal = _checked_diagonal(prior_precision)
+    if exact_kfac:
+        return curvature.logdet(prior_precision)
+    if method == "slq":
+        return _slq_logdet(
+            lx.linearise(curvature), diagonal, key, num_probes, num_steps
+        )
+    return _dense_logdet(curvature.as_matrix(), diagonal, method)
+
+
+def logdet(
+    curvature: lx.AbstractLinearOperator,
+    prior_precision: PriorPrecision,
+    *,
+    logdet_method: LogdetMethod = "auto",
+    key: PRNGKeyArray | None = None,
+    num_probes: int = 32,
+    num_lanczos_steps: int = 64,
+) -> Scalar:
+    r"""`log det(C + Λ)`, the log-determinant of the Laplace posterior precision.
+
+    `LaplacePosterior.logdet` calls this. Compiled once per operator type, shapes
+    and static arguments.
+
+    **Arguments:**
+
+    - `curvature`: the curvature `C`, a symmetric PSD lineax operator on params.
+    - `prior_precision`: `Λ`, a [`fisherops.PriorPrecision`][] on the same params;
+      every entry must be positive (a zero gives `-inf`, which is an error).
+    - `logdet_method`: `"auto"`, `"dense"`, `"eigh"` or `"slq"` (see the module
+      docstring). A [`fisherops.KFACOperator`][] with a scalar or layerwise prior
+      uses its exact Kronecker log-determinant whatever the method.
+    - `key`: the SLQ probes' key (default `jax.random.key(0)`); probe `s` is
+      `rademacher(fold_in(key, s))`, so a fixed key gives a deterministic,
+      differentiable estimate.
+    - `num_probes`, `num_lanczos_steps`: SLQ's probes and Lanczos steps (each
+      step one curvature `mv`; the steps are capped at `P`). Memory:
+      `num_lanczos_steps x P` (the probes run one after another).
+
+    **Returns:** the scalar `log det(C + Λ)`. Differentiable in the prior
+    precision and in the curvature's arrays with every method (SLQ: the same
+    probes' unbiased estimate of `tr(P^{-1} dP)`).
+    """
+    method = _resolve_method(curvature, logdet_method)
+    if not isinstance(prior_precision, PriorPrecision):
+        raise TypeError(
+            "prior_precision must be a fisherops.PriorPrecision; got "
+            f"{type(prior_precision).__name__}."
+        )
+    if method == "slq":
+        key, num_probes, num_steps = _slq_arguments(
+            key, num_probes, num_lanczos_steps, curvature.in_size()
+        )
+    else:
+        key, num_probes, num_steps = None, 0, 0
+    return _logdet(
+        curvature,
+        prior_precision,
+        method,
+        key,
+        num_probes,
+        num_steps,
+        _exact_kfac(curvature, prior_precision),
     )

@@ -40,10 +40,10 @@ from ._logdet import (
     _DENSE_MAX_SIZE,
     LogdetMethod,
     _as_matrix,
-    _make_logdet,
     _ravel,
     _unraveller,
 )
+from ._logdet import logdet as _curvature_logdet
 from ._priors import PriorPrecision
 
 PriorLike = PriorPrecision | Float[ArrayLike, ""] | PyTree[Float[ArrayLike, "..."]]
@@ -218,10 +218,14 @@ class LaplacePosterior(eqx.Module):
         - `key`: the probes' key (SLQ; default `jax.random.key(0)`).
         - `num_probes`, `num_lanczos_steps`: SLQ's probes and Lanczos steps.
         """
-        logdet = _make_logdet(
-            self.curvature, method, key, num_probes, num_lanczos_steps
+        return _curvature_logdet(
+            self.curvature,
+            self.prior,
+            logdet_method=method,
+            key=key,
+            num_probes=num_probes,
+            num_lanczos_steps=num_lanczos_steps,
         )
-        return logdet(_ravel(self.prior.full_diagonal()))
 
     def log_marginal_likelihood(
         self,
@@ -249,11 +253,16 @@ class LaplacePosterior(eqx.Module):
         """
         log_likelihood = _check_scalar("log_likelihood", log_likelihood)
         prior_diagonal = _ravel(self.prior.full_diagonal())
-        logdet = _make_logdet(
-            self.curvature, method, key, num_probes, num_lanczos_steps
+        logdet = _curvature_logdet(
+            self.curvature,
+            self.prior,
+            logdet_method=method,
+            key=key,
+            num_probes=num_probes,
+            num_lanczos_steps=num_lanczos_steps,
         )
         return _log_evidence(
-            log_likelihood, _ravel(self.mean), prior_diagonal, logdet(prior_diagonal)
+            log_likelihood, _ravel(self.mean), prior_diagonal, logdet
         )
 
     def predictive(
