@@ -8,15 +8,9 @@ from collections.abc import Callable
 
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Real
 
+from ._checks import Data, ModelFn, empirical_likelihood, mc_arguments
 from ._likelihoods import AbstractLikelihood
-from ._operators import (
-    Data,
-    EmpiricalFisherOperator,
-    MCFisherOperator,
-    ModelFn,
-    empirical_likelihood,
-    mc_arguments,
-)
+from ._operators import EmpiricalFisherOperator, MCFisherOperator
 
 Params = PyTree[Float[Array, "..."]]
 Loss = "str | Callable | AbstractLikelihood | None"

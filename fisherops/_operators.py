@@ -14,7 +14,6 @@ import abc
 import functools as ft
 import math
 from collections.abc import Callable
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -26,188 +25,22 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Real
 
 from . import _core
-from ._likelihoods import (
-    AbstractLikelihood,
-    as_likelihood,
-    has_sampler,
+from ._checks import (
+    Data,
+    ModelFn,
+    _check_vector,
+    _setup,
+    empirical_likelihood,
+    mc_arguments,
 )
+from ._likelihoods import AbstractLikelihood, as_likelihood
 from ._queries import register_symmetric_psd
-from ._sharding import check_chunking
-
-Data = dict[str, Any] | tuple[Any, Any]
-ModelFn = Callable[[Any, PyTree], Array]
-
-
-# --------------------------------------------------------------------------- #
-# Argument checking, shared by the three operators.
-# --------------------------------------------------------------------------- #
-
-
-def _check_params(params: PyTree) -> PyTree:
-    def check(path, leaf):
-        if not (
-            eqx.is_array_like(leaf)
-            and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
-        ):
-            kind = getattr(leaf, "dtype", type(leaf).__name__)
-            raise TypeError(
-                "params must be a pytree of floating arrays; got "
-                f"{kind} at params{jtu.keystr(path)}."
-            )
-        return jnp.asarray(leaf)
-
-    return jtu.tree_map_with_path(check, params)
-
-
-def _split_data(data: Data) -> tuple[PyTree, PyTree]:
-    if isinstance(data, dict) and set(data) >= {"input", "target"}:
-        return data["input"], data["target"]
-    if isinstance(data, tuple | list) and len(data) == 2:
-        return tuple(data)
-    raise TypeError(
-        "data must be {'input': X, 'target': Y} or a tuple (X, Y); got "
-        f"{type(data).__name__}"
-        + (f" with keys {sorted(data)}" if isinstance(data, dict) else "")
-        + "."
-    )
-
-
-def _leading(tree: PyTree, what: str) -> int:
-    sizes = {
-        jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jtu.tree_leaves(tree)
-    }
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            f"data {what} must be arrays with one leading data axis of the same "
-            f"length; got leading sizes {sorted(map(str, sizes))}."
-        )
-    return sizes.pop()
-
-
-class _UnbatchedModel(eqx.Module):
-    model_fn: ModelFn
-
-    def __call__(self, inputs, params):
-        one = jtu.tree_map(lambda leaf: leaf[0], inputs)
-        return self.model_fn(one, params)[None]
-
-
-class _UnbatchedGrad(eqx.Module):
-    loss_grad_fn: Callable
-
-    def __call__(self, outputs, targets):
-        one = jtu.tree_map(lambda leaf: leaf[0], targets)
-        return self.loss_grad_fn(outputs[0], one)[None]
-
-
-def _check_count(name: str, value) -> None:
-    if value is None or isinstance(value, jax.core.Tracer):
-        return
-    if np.ndim(value) != 0 or not np.all(np.asarray(value) > 0):
-        raise ValueError(f"{name} must be a positive number; got {value!r}.")
-
-
-class _Setup(eqx.Module):
-    model_fn: ModelFn
-    params: PyTree
-    data: tuple[PyTree, PyTree]
-    factor: Array
-    num_data: int
-    loss_grad_fn: Callable | None
-
-
-def _setup(
-    model_fn,
-    params,
-    data,
-    likelihood: AbstractLikelihood | None,
-    num_curv_samples,
-    num_total_samples,
-    vmap_over_data: bool,
-    chunk_size,
-    loss_grad_fn=None,
-) -> _Setup:
-    if not callable(model_fn):
-        raise TypeError(
-            "model_fn must be a callable model_fn(input, params); got "
-            f"{type(model_fn).__name__}."
-        )
-    params = _check_params(params)
-    inputs, targets = _split_data(data)
-    if vmap_over_data:
-        num_data = _leading(inputs, "input")
-        num_targets = _leading(targets, "target")
-    else:
-        outputs = jax.eval_shape(model_fn, inputs, params)
-        if not _core.is_batch(inputs, targets, outputs):  # one unbatched datum
-            add_axis = ft.partial(jtu.tree_map, lambda leaf: jnp.asarray(leaf)[None])
-            inputs, targets = add_axis(inputs), add_axis(targets)
-            model_fn = _UnbatchedModel(model_fn)
-            if loss_grad_fn is not None:
-                loss_grad_fn = _UnbatchedGrad(loss_grad_fn)
-        num_data = _leading(inputs, "input")
-        num_targets = _leading(targets, "target")
-    if num_targets != num_data:
-        raise ValueError(
-            f"data input has {num_data} data points but data target has "
-            f"{num_targets}; axis 0 must index the same data points."
-        )
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(
-            f"chunk_size must be None or a positive int; got {chunk_size!r}."
-        )
-    check_chunking((inputs, targets), num_data, chunk_size)
-    outputs = jax.eval_shape(
-        _core.batched_model(model_fn, vmap_over_data), inputs, params
-    )
-    if likelihood is not None:
-        jax.eval_shape(likelihood.prepare_targets, targets, outputs)
-    _check_count("num_curv_samples", num_curv_samples)
-    _check_count("num_total_samples", num_total_samples)
-    num_curv = num_data if num_curv_samples is None else num_curv_samples
-    num_total = num_curv if num_total_samples is None else num_total_samples
-    dtype = _core.scale_dtype(params)
-    factor = jnp.asarray(num_total, dtype) / jnp.asarray(num_curv, dtype)
-    return _Setup(model_fn, params, (inputs, targets), factor, num_data, loss_grad_fn)
 
 
 def _structure(params: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
     return jtu.tree_map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), params
     )
-
-
-def _check_vector(operator: lx.AbstractLinearOperator, vector: PyTree) -> PyTree:
-    """`vector` in the operator's dtypes; its structure and shapes must match.
-
-    A leaf may come in a wider floating dtype that the params also use (lineax's
-    CG promotes mixed-dtype params, bf16 + f32 say, to one dtype): it is cast
-    back. Any other dtype, shape or structure is an error.
-    """
-    expected = operator.in_structure()
-    if jtu.tree_structure(vector) != jtu.tree_structure(expected):
-        raise ValueError(
-            "vector must have the structure of params "
-            f"{jtu.tree_structure(expected)}; got {jtu.tree_structure(vector)}."
-        )
-    wanted = jtu.tree_leaves(expected)
-    dtypes = {want.dtype for want in wanted}
-    leaves = []
-    for path, leaf, want in zip(
-        (p for p, _ in jtu.tree_leaves_with_path(expected)),
-        jtu.tree_leaves(vector),
-        wanted,
-        strict=True,
-    ):
-        shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
-        widened = dtype in dtypes and jnp.promote_types(want.dtype, dtype) == dtype
-        if shape != want.shape or not (dtype == want.dtype or widened):
-            raise ValueError(
-                f"vector{jtu.keystr(path)} must be {want.dtype}{list(want.shape)} "
-                f"like params; got {dtype}{list(shape)}."
-            )
-        leaves.append(jnp.asarray(leaf, want.dtype))
-    return jtu.tree_unflatten(jtu.tree_structure(expected), leaves)
 
 
 def _check_algorithm(algorithm: str | None) -> str | None:
@@ -674,42 +507,6 @@ class LinearisedCurvatureOperator(_AbstractScalable):
         return self.operator.out_structure()
 
 
-def empirical_likelihood(loss_fn, loss_grad_fn) -> AbstractLikelihood | None:
-    """Check the empirical Fisher's loss arguments; the likelihood of `loss_fn`."""
-    if (loss_fn is None) == (loss_grad_fn is None):
-        raise ValueError(
-            "the empirical Fisher needs exactly one of loss_fn and loss_grad_fn; "
-            f"got {'both' if loss_fn is not None else 'neither'}."
-        )
-    if loss_grad_fn is not None and not callable(loss_grad_fn):
-        raise TypeError(
-            f"loss_grad_fn must be callable; got {type(loss_grad_fn).__name__}."
-        )
-    return as_likelihood(loss_fn)
-
-
-def mc_arguments(loss_fn, key, mc_samples) -> tuple[AbstractLikelihood, int]:
-    """Check the Monte-Carlo Fisher's arguments; its likelihood and `mc_samples`."""
-    if loss_fn is None:
-        raise ValueError("the Monte-Carlo Fisher needs loss_fn; got None.")
-    likelihood = as_likelihood(loss_fn)
-    if not has_sampler(likelihood):
-        raise ValueError(
-            "the Monte-Carlo Fisher needs a loss_fn it can sample labels from: a "
-            "built-in loss name or a fisherops.Likelihood(loss, sample=...); "
-            "got a callable loss without a sampler."
-        )
-    _check_key(key)
-    mc_samples = 1 if mc_samples is None else mc_samples  # laplax allows None
-    if (
-        isinstance(mc_samples, bool)
-        or not isinstance(mc_samples, int | np.integer)
-        or mc_samples < 1
-    ):
-        raise ValueError(f"mc_samples must be an int >= 1; got {mc_samples!r}.")
-    return likelihood, int(mc_samples)
-
-
 class EmpiricalFisherOperator(AbstractCurvatureOperator):
     r"""The empirical Fisher as a lineax operator.
 
@@ -778,11 +575,12 @@ class EmpiricalFisherOperator(AbstractCurvatureOperator):
         self.model_fn = setup.model_fn
         self.params = setup.params
         self.data = setup.data
-        self.scale = setup.factor
+        self.scale = setup.scale
         self.num_data = setup.num_data
+        self.likelihood = setup.likelihood
         self.loss_grad_fn = setup.loss_grad_fn
         self.vmap_over_data = vmap_over_data
-        self.chunk_size = chunk_size
+        self.chunk_size = setup.chunk_size
 
     def _likelihood_factors(self, outputs, targets, indices):
         del indices
@@ -795,21 +593,6 @@ class EmpiricalFisherOperator(AbstractCurvatureOperator):
             targets = self.likelihood.prepare_targets(targets, outputs)
             grads = jax.vmap(self.likelihood.output_grad)(outputs, targets)
         return grads.reshape(grads.shape[0], -1, 1).astype(outputs.dtype)
-
-
-def _check_key(key) -> None:
-    if key is None:
-        raise ValueError(
-            "MCFisherOperator needs key, a jax.random.key (or PRNGKey) to draw "
-            "its samples; got None."
-        )
-    typed = jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
-    raw = jnp.result_type(key) == jnp.uint32 and jnp.shape(key) == (2,)
-    if not (typed or raw) or (typed and jnp.shape(key) != ()):
-        raise ValueError(
-            "key must be one jax.random.key (or PRNGKey); got "
-            f"{jnp.result_type(key)}{list(jnp.shape(key))}."
-        )
 
 
 class MCFisherOperator(AbstractCurvatureOperator):
@@ -872,17 +655,18 @@ class MCFisherOperator(AbstractCurvatureOperator):
             num_total_samples,
             vmap_over_data,
             chunk_size,
+            key=key,
         )
         self.model_fn = setup.model_fn
         self.params = setup.params
         self.data = setup.data
-        self.scale = setup.factor
+        self.scale = setup.scale
         self.num_data = setup.num_data
-        self.likelihood = likelihood
+        self.likelihood = setup.likelihood
         self.key = key
         self.first_index = jnp.asarray(first_index, dtype=int)
         self.vmap_over_data = vmap_over_data
-        self.chunk_size = chunk_size
+        self.chunk_size = setup.chunk_size
         self.mc_samples = int(mc_samples)
 
     def _likelihood_factors(self, outputs, targets, indices):
@@ -954,11 +738,11 @@ class GGNOperator(AbstractCurvatureOperator):
         self.model_fn = setup.model_fn
         self.params = setup.params
         self.data = setup.data
-        self.scale = setup.factor
+        self.scale = setup.scale
         self.num_data = setup.num_data
-        self.likelihood = likelihood
+        self.likelihood = setup.likelihood
         self.vmap_over_data = vmap_over_data
-        self.chunk_size = chunk_size
+        self.chunk_size = setup.chunk_size
 
     def _likelihood_factors(self, outputs, targets, indices):
         return self._state_factors(self._output_state(outputs, targets, indices))

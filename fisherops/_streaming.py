@@ -16,14 +16,8 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from ._operators import (
-    AbstractCurvatureOperator,
-    Data,
-    MCFisherOperator,
-    _check_vector,
-    _split_data,
-    _structure,
-)
+from ._checks import Data, _check_vector, _split_data
+from ._operators import AbstractCurvatureOperator, MCFisherOperator
 from ._queries import register_symmetric_psd
 
 Batches = Iterable[Data] | Callable[[], Iterator[Data]]
@@ -274,7 +268,7 @@ class StreamedOperator(lx.AbstractLinearOperator):
 
     def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         template = next(iter(self.source.templates.values()))
-        return _structure(template.operator.params)
+        return template.operator.in_structure()
 
     def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         return self.in_structure()
