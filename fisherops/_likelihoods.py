@@ -165,13 +165,20 @@ def _array_targets(name: str, targets) -> Array:
 
 
 def _real_targets(name: str, targets, outputs, expected: str) -> Array:
-    """Targets of the outputs' shape (`(N,)` also for outputs `(N, 1)`), as floats."""
+    """Targets of the outputs' shape (`(N,)` also for outputs `(N, 1)`), as floats.
+
+    Integer targets are refused when `expected` is floats: they are class labels
+    given to a regression loss.
+    """
     targets = _array_targets(name, targets)
-    if targets.dtype == bool or not jnp.issubdtype(targets.dtype, jnp.number):
+    floats = expected == "floats"
+    allowed = jnp.floating if floats else jnp.number
+    if targets.dtype == bool or not jnp.issubdtype(targets.dtype, allowed):
         kind = "bool" if targets.dtype == bool else str(targets.dtype)
+        hint = "integer class labels are for 'cross_entropy'; " if floats else ""
         raise ValueError(
             f"loss {name!r} needs data target of {expected} shaped like the outputs "
-            f"{outputs.shape}; got {kind} targets (cast them to float)."
+            f"{outputs.shape}; got {kind} targets ({hint}cast them to float)."
         )
     if targets.shape == outputs.shape:
         return targets.astype(outputs.dtype)

@@ -1,7 +1,14 @@
-"""Bad input is a clear error naming the argument, never a wrong number."""
+"""Bad input is a clear error naming the argument, never a wrong number.
+
+Every test matches the specific message: the argument's name and what was
+expected (a raw JAX or numpy error would not pass).
+"""
+
+import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from _reference import (
     init_params,
@@ -18,79 +25,121 @@ import fisherops as fo
 
 PARAMS = init_params()
 KEY = jax.random.key(0)
-ERRORS = (ValueError, TypeError)
 KINDS = ["empirical", "mc", "ggn"]
+N = 5  # data points in make_data
 
 
-def build(kind, data, loss_fn, params=PARAMS, **kwargs):
+def build(kind, data, loss_fn, params=PARAMS, model_fn=mlp, **kwargs):
     if kind == "empirical":
-        return fo.EmpiricalFisherOperator(mlp, params, data, loss_fn, **kwargs)
+        return fo.EmpiricalFisherOperator(model_fn, params, data, loss_fn, **kwargs)
     if kind == "mc":
-        return fo.MCFisherOperator(mlp, params, data, loss_fn, KEY, **kwargs)
-    return fo.GGNOperator(mlp, params, data, loss_fn, **kwargs)
+        return fo.MCFisherOperator(model_fn, params, data, loss_fn, KEY, **kwargs)
+    return fo.GGNOperator(model_fn, params, data, loss_fn, **kwargs)
+
+
+def raises(message, error=ValueError):
+    """`pytest.raises` for an exact piece of the message (escaped, not a pattern)."""
+    return pytest.raises(error, match=re.escape(message))
+
+
+# ---------------------------------------------------------------------------
+# loss arguments
+# ---------------------------------------------------------------------------
+
+UNKNOWN = "unknown loss_fn 'msee'; expected one of ['binary_cross_entropy', "
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_unknown_loss_name(kind):
-    with pytest.raises(ERRORS, match="loss_fn") as info:
-        build(kind, make_data("vector"), "mean_squared_error")
-    assert "mean_squared_error" in str(info.value)
+    with raises(UNKNOWN):
+        build(kind, make_data("vector"), "msee")
 
 
 def test_unknown_loss_name_functional():
-    with pytest.raises(ERRORS, match="loss_fn"):
+    with raises(UNKNOWN):
         fo.create_empirical_fisher_mv(mlp, PARAMS, make_data("vector"), "msee")
-    with pytest.raises(ERRORS, match="loss_fn"):
+    with raises(UNKNOWN):
         fo.create_MC_fisher_mv(mlp, PARAMS, make_data("vector"), "msee", KEY)
-    with pytest.raises(ERRORS, match="loss_fn"):
+    with raises(UNKNOWN):
         fo.create_empirical_fisher_mv_without_data(mlp, PARAMS, "msee", 1.0)
-    with pytest.raises(ERRORS, match="loss_fn"):
+    with raises(UNKNOWN):
         fo.create_MC_fisher_mv_without_data(mlp, PARAMS, "msee", KEY, 1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unknown_loss_type(kind):
+    with raises("loss_fn must be a loss name, a callable", TypeError):
+        build(kind, make_data("vector"), 3.0)
 
 
 def test_empirical_fisher_needs_exactly_one_of_loss_fn_and_loss_grad_fn():
     data = make_data("vector")
-    with pytest.raises(ERRORS, match=r"loss_(grad_)?fn"):
+    expected = "the empirical Fisher needs exactly one of loss_fn and loss_grad_fn; got"
+    with raises(f"{expected} neither."):
         fo.EmpiricalFisherOperator(mlp, PARAMS, data)
-    with pytest.raises(ERRORS, match=r"loss_(grad_)?fn"):
+    with raises(f"{expected} both."):
         fo.EmpiricalFisherOperator(mlp, PARAMS, data, "mse", loss_grad_fn=quartic_grad)
-    with pytest.raises(ERRORS, match=r"loss_(grad_)?fn"):
+    with raises(f"{expected} neither."):
         fo.create_empirical_fisher_mv(mlp, PARAMS, data)
-    with pytest.raises(ERRORS, match=r"loss_(grad_)?fn"):
+    with raises(f"{expected} both."):
         fo.create_empirical_fisher_mv(
             mlp, PARAMS, data, quartic_loss, loss_grad_fn=quartic_grad
         )
-    with pytest.raises(ERRORS, match=r"loss_(grad_)?fn"):
+    with raises(f"{expected} neither."):
         fo.create_empirical_fisher_mv_without_data(mlp, PARAMS, None, 1.0)
 
 
 def test_mc_needs_a_key():
     data = make_data("vector")
-    with pytest.raises(ERRORS, match="key"):
+    expected = (
+        "key must be a jax.random.key (or PRNGKey) to draw samples with; got None."
+    )
+    with raises(expected):
         fo.MCFisherOperator(mlp, PARAMS, data, "mse", None)
-    with pytest.raises(ERRORS, match="key"):
+    with raises(expected):
         fo.create_MC_fisher_mv(mlp, PARAMS, data, "mse", None)
-    with pytest.raises(ERRORS, match="key"):
+    with raises(expected):
         fo.create_MC_fisher_mv_without_data(mlp, PARAMS, "mse", None, 1.0)
+    with raises("key must be one jax.random.key (or PRNGKey); got key<fry>[2]."):
+        fo.MCFisherOperator(mlp, PARAMS, data, "mse", jax.random.split(KEY))
 
 
-@pytest.mark.parametrize("mc_samples", [0, -1])
-def test_mc_samples_must_be_positive(mc_samples):
+@pytest.mark.parametrize(
+    ("mc_samples", "shown"),
+    [(0, "0"), (-1, "-1"), (True, "True"), (2.0, "2.0"), (jnp.array([1, 2]), "a ")],
+    ids=["zero", "negative", "bool", "float", "vector"],
+)
+def test_mc_samples_must_be_a_positive_int(mc_samples, shown):
     data = make_data("vector")
-    with pytest.raises(ERRORS, match="mc_samples"):
+    with raises(f"mc_samples must be an int >= 1; got {shown}"):
         fo.MCFisherOperator(mlp, PARAMS, data, "mse", KEY, mc_samples=mc_samples)
-    with pytest.raises(ERRORS, match="mc_samples"):
+    with raises(f"mc_samples must be an int >= 1; got {shown}"):
         fo.create_MC_fisher_mv(mlp, PARAMS, data, "mse", KEY, mc_samples=mc_samples)
+
+
+def test_mc_samples_none_is_one():
+    """laplax allows mc_samples=None; it means one sample per datum."""
+    data = make_data("labels")
+    default = fo.MCFisherOperator(mlp, PARAMS, data, "cross_entropy", KEY)
+    none = fo.MCFisherOperator(mlp, PARAMS, data, "cross_entropy", KEY, mc_samples=None)
+    assert none.mc_samples == 1
+    np.testing.assert_array_equal(none.as_matrix(), default.as_matrix())
 
 
 def test_mc_refuses_a_loss_without_a_sampler():
     data = make_data("vector")
-    with pytest.raises(ERRORS, match="loss_fn"):
+    expected = "the Monte-Carlo Fisher needs a loss_fn it can sample targets from"
+    with raises(expected):
         fo.MCFisherOperator(mlp, PARAMS, data, quartic_loss, KEY)
-    with pytest.raises(ERRORS, match="loss_fn"):
+    with raises(expected):
         fo.create_MC_fisher_mv(mlp, PARAMS, data, quartic_loss, KEY)
-    with pytest.raises(ERRORS, match="loss_fn|sample"):
+    with raises(f"{expected}: a built-in loss name, a fisherops.Likelihood"):
         fo.MCFisherOperator(mlp, PARAMS, data, fo.Likelihood(quartic_loss), KEY)
+
+
+# ---------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -98,28 +147,98 @@ def test_mc_refuses_a_loss_without_a_sampler():
 def test_input_and_target_with_different_numbers_of_data(kind, as_dict):
     inputs, targets = make_inputs(5), make_targets("vector", 4)
     data = {"input": inputs, "target": targets} if as_dict else (inputs, targets)
-    with pytest.raises(ERRORS, match="(?i)input|target|data"):
+    expected = "data input has 5 data points but data target has 4; axis 0 must"
+    with raises(expected):
         build(kind, data, "mse")
-    with pytest.raises(ERRORS, match="(?i)input|target|data"):
+    with raises(expected):
         build(kind, data, "mse", vmap_over_data=False)
+
+
+def test_data_that_is_not_a_pair():
+    with raises("data must be {'input': X, 'target': Y} or a tuple (X, Y);", TypeError):
+        build("ggn", {"x": make_inputs(), "y": make_targets("vector")}, "mse")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_data(kind):
+    with raises("data must hold at least one data point; got 0."):
+        build(kind, (make_inputs(0), make_targets("vector", 0)), "mse")
+
+
+@pytest.mark.parametrize("where", ["params", "input", "target"])
+def test_non_finite_params_or_data(where):
+    inputs, targets = make_data("vector")
+    params = PARAMS
+    if where == "params":
+        params = {**PARAMS, "layer1": {**PARAMS["layer1"], "b": jnp.full(4, jnp.nan)}}
+        expected = "params['layer1']['b'] must be finite; got 4 NaN or inf values."
+    elif where == "input":
+        inputs = inputs.at[2, 1].set(jnp.inf)
+        expected = "data input must be finite; got 1 NaN or inf value."
+    else:
+        targets = targets.at[0, 0].set(jnp.nan)
+        expected = "data target must be finite; got 1 NaN or inf value."
+    with raises(expected):
+        build("ggn", (inputs, targets), "mse", params=params)
+
+
+def test_numpy_data_is_copied():
+    """Editing the user's numpy arrays afterwards does not change the operator."""
+    inputs, targets = (np.array(a, copy=True) for a in make_data("vector"))
+    operator = build("empirical", (inputs, targets), "mse")
+    vector = random_vector(PARAMS)
+    before = operator.mv(vector)
+    inputs[:] = 0.0
+    targets[:] = 1.0
+    after = operator.mv(vector)
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+
+
+# ---------------------------------------------------------------------------
+# targets
+# ---------------------------------------------------------------------------
+
+CE = "loss 'cross_entropy' needs data target as integer class labels in [0, 3) "
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("vmap_over_data", [True, False], ids=["vmap", "batched"])
 @pytest.mark.parametrize(
-    ("loss", "target"),
+    ("loss", "target", "expected"),
     [
-        ("mse", make_targets("labels")),  # integer labels where vectors are needed
-        ("binary_cross_entropy", make_targets("labels")),
-        ("cross_entropy", make_targets("labels").astype(jnp.float64)),  # float (N,)
-        ("cross_entropy", make_targets("vector")[:, :2]),  # wrong number of classes
-        ("mse", make_targets("vector")[:, :2]),  # wrong output size
+        (
+            "mse",
+            make_targets("vector").astype(jnp.int32),
+            "loss 'mse' needs data target of floats shaped like the outputs (5, 3); "
+            "got int32 targets (integer class labels are for 'cross_entropy'",
+        ),
+        (
+            "binary_cross_entropy",
+            make_targets("labels"),
+            "loss 'binary_cross_entropy' needs data target of labels in [0, 1] "
+            "shaped like the outputs (5, 3); got shape (5,).",
+        ),
+        (
+            "cross_entropy",
+            make_targets("labels").astype(jnp.float64),
+            f"{CE}of shape (5,) or (5, 1), or probability vectors of shape (5, 3); "
+            "got float64 targets of shape (5,) (cast class labels to int).",
+        ),
+        ("cross_entropy", make_targets("vector")[:, :2], "got float64 targets of"),
+        (
+            "mse",
+            make_targets("vector")[:, :2],
+            "loss 'mse' needs data target of floats shaped like the outputs (5, 3); "
+            "got shape (5, 2).",
+        ),
     ],
-    ids=["mse-labels", "bce-labels", "ce-float-labels", "ce-2-classes", "mse-2-dims"],
+    ids=["mse-int", "bce-labels", "ce-float-labels", "ce-2-classes", "mse-2-dims"],
 )
-def test_target_layout_that_does_not_fit_the_loss(kind, vmap_over_data, loss, target):
+def test_target_layout_that_does_not_fit_the_loss(
+    kind, vmap_over_data, loss, target, expected
+):
     data = (make_inputs(), target)
-    with pytest.raises(ERRORS, match="(?i)target"):
+    with raises(expected):
         build(kind, data, loss, vmap_over_data=vmap_over_data)
 
 
@@ -129,40 +248,198 @@ def test_bad_target_is_reported_under_jit():
         op = fo.EmpiricalFisherOperator(mlp, params, data, "mse")
         return op.mv(params)
 
-    with pytest.raises(ERRORS, match="(?i)target"):
+    with raises("loss 'mse' needs data target of floats shaped like the outputs"):
         build_and_apply(PARAMS, (make_inputs(), make_targets("labels")))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("labels", "shown"),
+    [([1, 2, 3, 1, 2], "[1, 3] (0-based"), ([0, -1, 2, 1, 0], "[-1, 2] (0-based")],
+    ids=["one_based", "minus_one"],
+)
+def test_labels_out_of_range(kind, labels, shown):
+    data = (make_inputs(), jnp.asarray(labels))
+    with raises(
+        f"{CE}of shape (5,) or (5, 1), or probability vectors of shape (5, 3); "
+    ):
+        build(kind, data, "cross_entropy")
+    with raises(f"got labels in {shown}"):
+        build(kind, (data[0], data[1][:, None]), "cross_entropy")
+
+
+def test_out_of_range_labels_under_jit_count_as_no_target():
+    """Under jit labels cannot be checked (documented): label C counts as zeros."""
+    inputs = make_inputs()
+    labels = jnp.asarray([0, 1, 3, 1, 2])
+
+    @jax.jit
+    def matrix(labels):
+        return build("empirical", (inputs, labels), "cross_entropy").as_matrix()
+
+    targets = jax.nn.one_hot(labels, 3)  # a row of zeros for label 3
+    assert not targets[2].any()
+    np.testing.assert_allclose(matrix(labels), matrix(targets), atol=1e-12)
+
+
+def test_bool_labels_are_reported_as_bool():
+    data = (make_inputs(), jnp.asarray([True, False, True, True, False]))
+    with raises("got bool targets of shape (5,) (cast class labels to int)."):
+        build("ggn", data, "cross_entropy")
+
+
+def test_soft_targets_must_sum_to_one():
+    soft = make_targets("soft")
+    build("ggn", (make_inputs(), soft), "cross_entropy")
+    with raises(
+        "loss 'cross_entropy' needs data target probabilities that sum to 1 over the "
+        "classes (axis -1); got sums up to 0.5 away from 1."
+    ):
+        build("empirical", (make_inputs(), soft * 0.5), "cross_entropy")
+    with raises("needs data target probabilities in [0, 1]; got values in [-0.98"):
+        build("empirical", (make_inputs(), soft - 1), "cross_entropy")
+
+
+def test_binary_targets_must_be_in_the_unit_interval():
+    binary = make_targets("binary")
+    with raises(
+        "loss 'binary_cross_entropy' needs data target labels in [0, 1]; got values "
+        "in [0, 2]."
+    ):
+        build("empirical", (make_inputs(), binary * 2), "binary_cross_entropy")
+
+
+@pytest.mark.parametrize("vmap_over_data", [True, False], ids=["vmap", "batched"])
+def test_cross_entropy_with_a_scalar_per_datum(vmap_over_data):
+    def scalar(x, params):
+        return mlp(x, params)[..., 0]
+
+    with raises(
+        "loss 'cross_entropy' needs model_fn to return logits of shape (C,) per datum "
+        "(outputs (N, C)); got outputs (5,), i.e. a scalar per datum; for one binary "
+        "logit use 'binary_cross_entropy'"
+    ):
+        build(
+            "ggn",
+            make_data("labels"),
+            "cross_entropy",
+            model_fn=scalar,
+            vmap_over_data=vmap_over_data,
+        )
+
+
+def test_cross_entropy_with_a_row_per_datum():
+    def row(x, params):
+        return mlp(x, params)[None]
+
+    with raises(
+        "got outputs (5, 1, 3), i.e. shape (1, 3) per datum; return a vector of C "
+        "logits"
+    ):
+        build("mc", make_data("labels"), "cross_entropy", model_fn=row)
+
+
+# ---------------------------------------------------------------------------
+# counts and sizes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (np.inf, "num_total_samples must be a positive finite number; got inf."),
+        (0, "num_total_samples must be a positive finite number; got 0."),
+        (np.nan, "num_total_samples must be a positive finite number; got nan."),
+        (True, "num_total_samples must be a positive finite number (a scalar); got"),
+        (jnp.ones(2), "num_total_samples must be a positive finite number (a scalar)"),
+    ],
+    ids=["inf", "zero", "nan", "bool", "vector"],
+)
+def test_num_total_samples(value, expected):
+    with raises(expected):
+        build("ggn", make_data("vector"), "mse", num_total_samples=value)
+
+
+def test_num_curv_samples_above_the_data_size_is_refused():
+    with raises(
+        "num_curv_samples must be at most the number of data points given (5): it is "
+        "the number the curvature is a sum over; got 6. To scale up"
+    ):
+        build("empirical", make_data("vector"), "mse", num_curv_samples=6)
+
+
+@pytest.mark.parametrize(
+    "chunk_size", [np.int64(2), jnp.array(2), np.array(2, np.int32)], ids=str
+)
+def test_chunk_size_accepts_numpy_and_zero_d_integers(chunk_size):
+    data = make_data("labels")
+    chunked = build("ggn", data, "cross_entropy", chunk_size=chunk_size)
+    assert chunked.chunk_size == 2 and type(chunked.chunk_size) is int
+    np.testing.assert_allclose(
+        chunked.as_matrix(), build("ggn", data, "cross_entropy").as_matrix()
+    )
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "shown"),
+    [
+        (True, "True"),
+        (0, "0"),
+        (2.5, "2.5"),
+        (np.array([2], np.int32), "a int32[1] array"),
+    ],
+    ids=["bool", "zero", "float", "vector"],
+)
+def test_chunk_size_must_be_a_positive_int(chunk_size, shown):
+    with raises(f"chunk_size must be an int >= 1; got {shown}."):
+        build("ggn", make_data("vector"), "mse", chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------------
+# params and vectors
+# ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_floating_params(kind):
     params = jax.tree.map(lambda leaf: leaf.astype(jnp.int32), PARAMS)
-    with pytest.raises(ERRORS, match="params"):
+    with raises(
+        "params must be a pytree of floating arrays; got int32 at params['layer1']",
+        TypeError,
+    ):
         build(kind, make_data("vector"), "mse", params=params)
 
 
 def test_one_non_floating_params_leaf():
     params = {**PARAMS, "layer1": {**PARAMS["layer1"], "b": jnp.arange(4)}}
-    with pytest.raises(ERRORS, match="params"):
+    with raises(
+        "params must be a pytree of floating arrays; got int", TypeError
+    ) as info:
         fo.EmpiricalFisherOperator(mlp, params, make_data("vector"), "mse")
-    with pytest.raises(ERRORS, match="params"):
+    assert "at params['layer1']['b']." in str(info.value)
+    with raises("params must be a pytree of floating arrays; got int", TypeError):
         fo.PriorPrecision(params, 1.0)
 
 
 def _vector_cases():
     vector = random_vector(PARAMS)
-    missing = {"layer1": vector["layer1"]}
-    extra = {**vector, "layer3": jnp.zeros(2)}
-    as_list = {"layer1": vector["layer1"], "layer2": list(vector["layer2"])}
-    float32 = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), vector)
-    wrong_shape = {**vector, "layer2": (vector["layer2"][0].T, vector["layer2"][1])}
-    flat_array = jnp.zeros(31)
+    structure = "vector must have the structure of params PyTreeDef("
     return {
-        "missing_leaf": missing,
-        "extra_leaf": extra,
-        "list_for_tuple": as_list,
-        "float32": float32,
-        "transposed_leaf": wrong_shape,
-        "flat_array": flat_array,
+        "missing_leaf": ({"layer1": vector["layer1"]}, structure),
+        "extra_leaf": ({**vector, "layer3": jnp.zeros(2)}, structure),
+        "list_for_tuple": (
+            {"layer1": vector["layer1"], "layer2": list(vector["layer2"])},
+            structure,
+        ),
+        "float32": (
+            jax.tree.map(lambda leaf: leaf.astype(jnp.float32), vector),
+            "vector['layer1']['b'] must be float64[4] like params; got float32[4].",
+        ),
+        "transposed_leaf": (
+            {**vector, "layer2": (vector["layer2"][0].T, vector["layer2"][1])},
+            "vector['layer2'][0] must be float64[4, 3] like params; got float64[3, 4].",
+        ),
+        "flat_array": (jnp.zeros(31), f"{structure}{{'layer1'"),
     }
 
 
@@ -170,35 +447,40 @@ VECTOR_CASES = _vector_cases()
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("vector", VECTOR_CASES.values(), ids=VECTOR_CASES.keys())
-def test_vector_that_does_not_match_in_structure(kind, vector):
+@pytest.mark.parametrize(
+    ("vector", "expected"), VECTOR_CASES.values(), ids=VECTOR_CASES.keys()
+)
+def test_vector_that_does_not_match_in_structure(kind, vector, expected):
     op = build(kind, make_data("vector"), "mse")
-    with pytest.raises(ERRORS, match="(?i)vector|structure|dtype|shape"):
+    with raises(expected):
         op.mv(vector)
-    with pytest.raises(ERRORS, match="(?i)vector|structure|dtype|shape"):
+    with raises(expected):
         op.linearise().mv(vector)
 
 
 def test_functional_mv_checks_its_vector():
     mv = fo.create_empirical_fisher_mv(mlp, PARAMS, make_data("vector"), "mse")
-    with pytest.raises(ERRORS, match="(?i)vector|structure|dtype|shape"):
-        mv(VECTOR_CASES["transposed_leaf"])
+    vector, expected = VECTOR_CASES["transposed_leaf"]
+    with raises(expected):
+        mv(vector)
 
 
 @pytest.mark.parametrize(
-    "precision",
+    ("precision", "expected"),
     [
-        {"layer1": {"w": 1.0, "b": 1.0}},  # a leaf missing
-        {"layer1": {"w": jnp.ones(3), "b": 1.0}, "layer2": (1.0, 1.0)},  # bad shape
+        (
+            {"layer1": {"w": 1.0, "b": 1.0}},
+            "precision must be a scalar, a pytree of scalars with the structure of "
+            "params, or a params-shaped pytree of arrays; got structure",
+        ),
+        (
+            {"layer1": {"w": jnp.ones(3), "b": 1.0}, "layer2": (1.0, 1.0)},
+            "precision leaves must be scalars or shaped like params; got shape (3,) "
+            "for a params leaf of shape (3, 4).",
+        ),
     ],
     ids=["missing", "bad_shape"],
 )
-def test_prior_precision_that_does_not_fit_params(precision):
-    with pytest.raises(ERRORS, match="precision"):
+def test_prior_precision_that_does_not_fit_params(precision, expected):
+    with raises(expected):
         fo.PriorPrecision(PARAMS, precision)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_unknown_loss_type(kind):
-    with pytest.raises(ERRORS, match="loss_fn"):
-        build(kind, make_data("vector"), 3.0)
