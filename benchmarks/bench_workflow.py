@@ -510,7 +510,8 @@ def report(model, num, accuracy, curvature, ours, theirs) -> list[str]:
     for result in (ours, theirs):
         if result is not None:  # the whole workflow, repeat by repeat
             result["times"]["total"] = [
-                sum(times) for times in zip(*(result["times"][s] for s in STEPS))
+                sum(times)
+                for times in zip(*(result["times"][s] for s in STEPS), strict=True)
             ]
     for step in (*STEPS, "total"):
         first, compiled = (
