@@ -16,7 +16,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from ._checks import Data, _check_vector, _split_data
+from ._checks import Data, _check_count, _check_vector, _split_data
 from ._operators import AbstractCurvatureOperator, MCFisherOperator
 from ._queries import register_symmetric_psd
 
@@ -123,6 +123,10 @@ class _Source:
         self.progress = progress
         self.templates: dict[tuple, _Template] = {}
         self.sizes = getattr(batches, "__len__", None)
+        self.name = _name(batches)
+
+    def __repr__(self):
+        return self.name
 
     def template(self, batch: Data) -> tuple[_Template, tuple[PyTree, PyTree]]:
         """The template for a batch's shape, and the batch as `(inputs, targets)`."""
@@ -145,18 +149,27 @@ class _Source:
                 "operator_fn must build its operators with the default scaling (a "
                 "plain sum over the batch); give num_total_samples and "
                 "num_curv_samples to StreamedOperator instead. Got an operator with "
-                f"factor {float(operator.scale)}."
+                f"scale {float(operator.scale)}."
             )
         return operator
 
-    def __iter__(self) -> Iterator[Data]:
+    def batches(self, progress: bool) -> Iterator[Data]:
         batches = self.iterate()
-        if self.progress:
+        if progress:
             import tqdm
 
             total = self.sizes() if self.sizes is not None else None
             batches = tqdm.tqdm(batches, total=total, unit="batch", leave=False)
         return iter(batches)
+
+
+def _name(batches) -> str:
+    """How the batches show in a repr: the loader's name, or the container's."""
+    if callable(batches):
+        name = getattr(batches, "__name__", None) or type(batches).__name__
+        return f"{name}()" if name == "<lambda>" else name
+    size = f" of {len(batches)} batches" if hasattr(batches, "__len__") else ""
+    return f"{type(batches).__name__}{size}"
 
 
 class StreamedOperator(lx.AbstractLinearOperator):
@@ -193,7 +206,9 @@ class StreamedOperator(lx.AbstractLinearOperator):
       batches again.
     - `num_curv_samples`: defaults to the number of points streamed.
     - `num_total_samples`: defaults to `num_curv_samples` (a plain sum).
-    - `progress`: show a tqdm progress bar over the batches (needs `tqdm`).
+    - `progress`: show a tqdm progress bar over the batches (needs `tqdm`) for
+      each eager `mv`, `diagonal()` and `as_matrix()`; none inside `jit` or
+      `lineax.linear_solve`, where it would show one bar per product.
     """
 
     source: _Source
@@ -215,12 +230,8 @@ class StreamedOperator(lx.AbstractLinearOperator):
                 f"{type(operator_fn).__name__}."
             )
         self.source = _Source(operator_fn, batches, progress)
-        for name, value in (
-            ("num_curv_samples", num_curv_samples),
-            ("num_total_samples", num_total_samples),
-        ):
-            if value is not None and not (np.ndim(value) == 0 and float(value) > 0):
-                raise ValueError(f"{name} must be a positive number; got {value!r}.")
+        _check_count("num_curv_samples", num_curv_samples)
+        _check_count("num_total_samples", num_total_samples)
         self.num_curv_samples = (
             None if num_curv_samples is None else float(num_curv_samples)
         )
@@ -232,10 +243,10 @@ class StreamedOperator(lx.AbstractLinearOperator):
             raise ValueError("batches must hold at least one batch; got none.")
         self.source.template(first)
 
-    def _stream(self, method: str, *args) -> PyTree[Array]:
-        """`factor * sum_b getattr(C_b, method)(*args)` over the batches."""
+    def _stream(self, method: str, *args, progress: bool = True) -> PyTree[Array]:
+        """`scale * sum_b getattr(C_b, method)(*args)` over the batches."""
         total, count = None, 0
-        for batch in self.source:
+        for batch in self.source.batches(progress and self.source.progress):
             template, data = self.source.template(batch)
             total = template.accumulate(method, data, count, args, total)
             count += template.operator.num_data
@@ -246,10 +257,11 @@ class StreamedOperator(lx.AbstractLinearOperator):
         return jtu.tree_map(lambda x: x * (num_total / num_curv), total)
 
     def mv(self, vector: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
-        _check_vector(self, vector)
+        vector = _check_vector(self, vector)
         if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(vector)):
+            # Inside a solve: no progress bar (it would show one per product).
             return jax.pure_callback(
-                lambda v: jax.device_get(self._stream("mv", v)),
+                lambda v: jax.device_get(self._stream("mv", v, progress=False)),
                 self.out_structure(),
                 vector,
                 vmap_method="sequential",

@@ -99,17 +99,78 @@ def test_user_loop_over_the_functional_form_equals_in_memory():
     assert_close(flat(total), in_memory("ef")["mv"] * 1000 / NUM_DATA)
 
 
-def test_progress_bar(capsys):
+def test_progress_bar(capsys, monkeypatch):
+    """One bar per eager call; none inside a solve (not one per CG product)."""
+    tqdm = pytest.importorskip("tqdm")
+    bars = []
+    original = tqdm.tqdm
+
+    def counting(*args, **kwargs):
+        bars.append(kwargs.get("total"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", counting)
     operator = streamed("ef", 32, progress=True)
     assert_close(flat(operator.mv(VECTOR)), in_memory("ef")["mv"])
+    assert len(bars) == 1
     assert "batch" in capsys.readouterr().err
+    precision = operator + fo.PriorPrecision(PARAMS, PRIOR)
+    cg = lx.CG(rtol=1e-12, atol=1e-12, max_steps=200)
+    solution = lx.linear_solve(precision, VECTOR, cg).value
+    assert_close(flat(solution), in_memory("ef")["cg"])
+    assert len(bars) == 1
+
+
+def test_repeated_eager_calls_compile_nothing():
+    """mv, diagonal and as_matrix, with progress bars, called again and on a new
+    operator with new params: no compilation after the first call of each."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    def ggn(params):
+        return fo.StreamedOperator(
+            lambda batch: fo.GGNOperator(mlp, params, batch, "cross_entropy"),
+            batches(24),
+            progress=True,
+        )
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = ggn(PARAMS)
+        calls = [lambda op: op.mv(VECTOR), lambda op: op.diagonal()]
+        calls.append(lambda op: op.as_matrix())
+        for call in calls:
+            call(first)
+        before = len(events)
+        second = ggn(jax.tree.map(lambda leaf: 2 * leaf, PARAMS))
+        for call in calls:
+            call(first)
+            call(second)
+        assert len(events) == before
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_repr_names_the_loader():
+    def digits_loader():
+        return iter([DATA])
+
+    operator = fo.StreamedOperator(
+        lambda batch: make_operator("ef", batch), digits_loader
+    )
+    assert "source=digits_loader," in repr(operator)
+    operator = fo.StreamedOperator(lambda batch: make_operator("ef", batch), [DATA])
+    assert "source=list of 1 batches" in repr(operator)
 
 
 def test_bad_arguments():
     one_shot = iter(batches(32)())
     with pytest.raises(TypeError, match="batches must be re-iterable"):
         fo.StreamedOperator(lambda batch: make_operator("ef", batch), one_shot)
-    with pytest.raises(ValueError, match="default scaling"):
+    with pytest.raises(ValueError, match="default scaling .* Got an operator with "):
         fo.StreamedOperator(
             lambda batch: make_operator("ef", batch, num_total_samples=10),
             batches(32),
@@ -118,5 +179,11 @@ def test_bad_arguments():
         fo.StreamedOperator(lambda batch: lx.IdentityLinearOperator(VECTOR), [DATA])
     with pytest.raises(ValueError, match="at least one batch"):
         fo.StreamedOperator(lambda batch: make_operator("ef", batch), [])
-    with pytest.raises(ValueError, match="num_total_samples"):
+    with pytest.raises(
+        ValueError, match="num_total_samples must be a positive finite number; got -1"
+    ):
         streamed("ef", 32, num_total_samples=-1)
+    with pytest.raises(
+        ValueError, match="num_curv_samples must be a positive finite number; got inf"
+    ):
+        streamed("ef", 32, num_curv_samples=np.inf)
