@@ -274,6 +274,7 @@ def _slq_logdet(
     )
 
 
+@eqx.filter_jit
 def _slq_spectrum(
     curvature: lx.AbstractLinearOperator,
     key: PRNGKeyArray,
