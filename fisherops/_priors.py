@@ -84,8 +84,10 @@ class PriorPrecision(lx.AbstractLinearOperator):
         self._leaves, self._treedef = jtu.tree_flatten(structure)
         self._leaves = tuple(self._leaves)
         for leaf in jtu.tree_leaves(self.precision):
-            if not isinstance(leaf, jax.core.Tracer) and np.any(np.asarray(leaf) < 0):
-                raise ValueError(f"precision must be non-negative; got {leaf}.")
+            if not isinstance(leaf, jax.core.Tracer) and not np.all(
+                np.asarray(leaf) >= 0
+            ):
+                raise ValueError(f"precision must be >= 0 and not NaN; got {leaf}.")
 
     def full_diagonal(self) -> PyTree[Float[Array, "..."]]:
         """The diagonal of `Λ` as a params-shaped pytree."""

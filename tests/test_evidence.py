@@ -374,6 +374,8 @@ def test_bad_input_is_a_clear_error():
         log_marginal_likelihood(
             operator, fo.PriorPrecision(PARAMS, 1.0), PARAMS, jnp.ones(3)
         )
+    with pytest.raises(ValueError, match="precision must be >= 0 and not NaN"):
+        fo.PriorPrecision(PARAMS, jnp.nan)
     with pytest.raises(TypeError, match="curvature_or_posterior must be"):
         fo.optimize_prior_precision(np.eye(NUM_PARAMS), PARAMS)
     with pytest.raises(ValueError, match="params must have the curvature's"):
