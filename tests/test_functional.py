@@ -180,3 +180,47 @@ def test_functions_are_linear():
     assert_close(flat(mv(combined)), 2.0 * flat(mv(VECTOR)) - flat(mv(other)))
     zero = jax.tree.map(jnp.zeros_like, VECTOR)
     assert_close(flat(mv(zero)), 0.0)
+
+
+def test_repeated_eager_calls_compile_nothing():
+    """Each closure (chunked too), called again with new arrays of the same shapes
+    and rebuilt from the same functions, compiles nothing after its first call."""
+    data = make_data("labels")
+    other_data = make_data("labels", seed=5)
+    other_vector = random_vector(PARAMS, seed=9)
+    with_data = {
+        "ef": lambda: fo.create_empirical_fisher_mv(mlp, PARAMS, data, "cross_entropy"),
+        "ef_chunked": lambda: fo.create_empirical_fisher_mv(
+            mlp, PARAMS, data, "cross_entropy", chunk_size=1
+        ),
+        "mc": lambda: fo.create_MC_fisher_mv(
+            mlp, PARAMS, data, "cross_entropy", KEY, mc_samples=2
+        ),
+    }
+    without_data = {
+        "ef": lambda: fo.create_empirical_fisher_mv_without_data(
+            mlp, PARAMS, "cross_entropy", 2.0
+        ),
+        "mc": lambda: fo.create_MC_fisher_mv_without_data(
+            mlp, PARAMS, "cross_entropy", KEY, 2.0, chunk_size=1
+        ),
+    }
+    for make in with_data.values():
+        make()(VECTOR)
+    for make in without_data.values():
+        make()(VECTOR, data)
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for make in with_data.values():
+            make()(other_vector)
+        for make in without_data.values():
+            make()(other_vector, other_data)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert events == []
