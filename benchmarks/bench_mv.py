@@ -20,6 +20,8 @@ the gradient of the summed loss over the same batch. Timed, per problem:
 - `EF mv c=512` (N > 512 only): the EF `mv` with `chunk_size=512`.
 - `diagonal`: `lineax.diagonal` of the EF operator (exact, per-datum gradients).
 - `as_matrix`: the dense EF, only where `P x P` fits in memory.
+- GGN against EF: the GGN `mv` and linearised `mv` with cross-entropy at
+  C = 1000 classes (N = 256) against the EF's (`--classes-only` runs just this).
 - `CG`: `lineax.linear_solve(EF + PriorPrecision(params, 1), b, CG(rtol=1e-6))`
   in float64 (in float32 CG stalls short of `rtol=1e-6` on these problems); steps
   and time, `max_steps=5000` and `throw=False` (reported if not converged).
@@ -46,6 +48,8 @@ from _problems import (  # noqa: E402
     loss_grad_per_datum,
     loss_per_datum,
     make_problem,
+    mlp_fn,
+    mlp_params,
 )
 
 import fisherops  # noqa: E402
@@ -172,6 +176,43 @@ def timed_functions(problem: Problem):
     return functions, alone
 
 
+def ggn_against_ef(num_data: int, num_classes: int, repeats: int) -> None:
+    """The GGN `mv` against the EF `mv` with many classes (cross-entropy).
+
+    The GGN multiplies by the output Hessian `diag(p) - p p^T` in O(C) per datum
+    (the likelihood's `hessian_mv`), so its `mv` costs about the EF's.
+    """
+    sizes = (32, 64, 64, num_classes)
+    params = mlp_params(jax.random.key(0), sizes)
+    inputs = jax.random.normal(jax.random.key(1), (num_data, sizes[0]))
+    targets = jax.random.randint(jax.random.key(2), (num_data,), 0, num_classes)
+    vector = jax.tree_util.tree_map(jnp.ones_like, params)
+    data = (params, inputs, targets)
+
+    def operator(kind, p, x, y):
+        cls = (
+            fisherops.GGNOperator
+            if kind == "GGN"
+            else fisherops.EmpiricalFisherOperator
+        )
+        return cls(mlp_fn, p, (x, y), "cross_entropy")
+
+    functions = {}
+    for kind in ("EF", "GGN"):
+        mv = jax.jit(lambda p, x, y, v, kind=kind: operator(kind, p, x, y).mv(v))
+        functions[f"{kind} mv"] = lambda mv=mv: mv(*data, vector)
+        linearised = jit_linearised_mv(operator(kind, *data))
+        functions[f"{kind} lin mv"] = lambda linearised=linearised: linearised(vector)
+    medians = median_times(functions, repeats)
+    print(f"GGN against EF, MLP {sizes}, N={num_data}, C={num_classes}")
+    print("| product | ms | / EF |")
+    print("|---|---|---|")
+    for label, (wall, _) in medians.items():
+        unit = medians["EF lin mv" if "lin" in label else "EF mv"][0]
+        print(f"| {label} | {wall * 1e3:.2f} | {wall / unit:.2f} |")
+    print(flush=True)
+
+
 def median_times(functions, repeats: int) -> dict[str, tuple[float, float]]:
     """Compile and warm up each function, then time them round-robin.
 
@@ -240,8 +281,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small N, 3 repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--cg-repeats", type=int, default=None)
+    parser.add_argument(
+        "--classes-only", action="store_true", help="only GGN against EF at C=1000"
+    )
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 20)
+    if args.classes_only:
+        ggn_against_ef(64 if args.quick else 256, 1000, repeats)
+        return
     cg_repeats = args.cg_repeats or 1
     if args.quick:
         problems = [("mlp-ce", 64), ("mlp-mse", 64), ("cnn-ce", 32)]
@@ -290,6 +337,7 @@ def main():
             )
         print(flush=True)
 
+    ggn_against_ef(64 if args.quick else 256, 1000, repeats)
     print_table(rows, 0, "Wall time / grad wall time (medians)")
     if on_cpu:
         print_table(rows, 1, "Process CPU time / grad CPU time (medians)")

@@ -20,9 +20,11 @@ import functools as ft
 from collections.abc import Callable
 
 import jax
+import jax.extend as jex
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
@@ -181,6 +183,54 @@ def dense_from_mv(
         [blocks[:-1].reshape(-1, *blocks.shape[2:]), blocks[-1, overlap:]]
     )
     return joined if diagonal_only else joined.T
+
+
+# The cost model of the dense routes: operations per second of a matrix product
+# (flops), a convolution (flops) and anything else (output elements). On a CPU,
+# XLA runs the convolutions of a network's `jvp`/`vjp` (batched over tangents) far
+# below its matrix-product rate; on an accelerator both run on the same units.
+_CPU_RATES = (1e11, 3e9, 4e9)
+_ACCELERATOR_RATES = (1e13, 1e13, 1e11)
+
+
+def _operation_counts(jaxpr: "jex.core.Jaxpr") -> np.ndarray:
+    """`(matrix-product flops, convolution flops, other output elements)`."""
+    counts = np.zeros(3)
+    for eqn in jaxpr.eqns:
+        outputs = sum(
+            np.prod(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")
+        )
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            counts[0] += 2 * outputs * np.prod([lhs[i] for i in contracting])
+        elif name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            counts[1] += 2 * outputs * np.prod(kernel) / out_features
+        else:
+            inner = [
+                sub
+                for value in eqn.params.values()
+                for sub in (value if isinstance(value, tuple | list) else (value,))
+                if isinstance(sub, jex.core.Jaxpr | jex.core.ClosedJaxpr)
+            ]
+            if not inner:
+                counts[2] += outputs
+            repeats = eqn.params.get("length", 1) if name == "scan" else 1
+            for sub in inner:
+                counts += repeats * _operation_counts(getattr(sub, "jaxpr", sub))
+    return counts
+
+
+def estimated_seconds(fn: Callable, *args, matmul_flops: float = 0.0) -> float:
+    """The cost model's time for `fn(*args)` (abstract arguments suffice), plus
+    `matmul_flops` more flops of large matrix products."""
+    counts = _operation_counts(jax.make_jaxpr(fn)(*args).jaxpr)
+    counts[0] += matmul_flops
+    rates = _CPU_RATES if jax.default_backend() == "cpu" else _ACCELERATOR_RATES
+    return float(np.sum(counts / np.asarray(rates)))
 
 
 Chunk = tuple[PyTree, Int[Array, " c"], Bool[Array, " c"]]

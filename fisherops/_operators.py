@@ -302,13 +302,12 @@ class AbstractCurvatureOperator(_AbstractScalable):
     def _dense_route(self, algorithm: str | None, *, diagonal: bool = False) -> str:
         """`algorithm`, or the cheaper route for a dense matrix (or its diagonal).
 
-        Each route's cost is `flops / rate + bytes / bandwidth`, with the flops and
-        bytes from XLA's cost analysis of the lowered (not compiled) computations
-        over the whole data: the rows route is the per-datum rows plus the
-        accumulation (`2 N K P^2` flops for the matrix, `2 N K P` for the
-        diagonal), at the rate of a large matrix product; the `mv` route is `P`
-        linearised products (an `mv` less its forward pass) at the rate of the
-        model's own computations.
+        An honest operation count (`_core.estimated_seconds`: the matrix-product,
+        convolution and other operations of the traced computations over the
+        whole data, each at its own rate): the rows route is the per-datum rows
+        plus their accumulation (`2 N K P^2` flops for the matrix, `2 N K P` for
+        the diagonal); the `mv` route is `P` linearised products (an `mv` less
+        its forward pass).
         """
         if algorithm is not None:
             return algorithm
@@ -317,28 +316,21 @@ class AbstractCurvatureOperator(_AbstractScalable):
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), dynamic
         )
 
-        def cost(method, *args):
+        def seconds(method, *args, **kwargs):
             def fn(dynamic, *args):
                 return method(eqx.combine(dynamic, static), *args)
 
-            analysis = jax.jit(fn).lower(abstract, *args).cost_analysis()
-            return analysis.get("flops", 0.0), analysis.get("bytes accessed", 0.0)
+            return _core.estimated_seconds(fn, abstract, *args, **kwargs)
 
-        indices = jax.ShapeDtypeStruct((self.num_data,), jnp.int32)
-        rows_flops, rows_bytes = cost(lambda op, i: op._rows(*op.data, i), indices)
-        forward_flops, forward_bytes = cost(
-            lambda op: op._model()(op.data[0], op.params)
-        )
-        mv_flops, mv_bytes = cost(lambda op, v: op.mv(v), self.in_structure())
         size, columns = self.in_size(), self._num_columns()
         accumulate = 2 * self.num_data * columns * size * (1 if diagonal else size)
-        rows = (
-            rows_flops / _MODEL_FLOPS + accumulate / _MATMUL_FLOPS
-        ) + rows_bytes / _BANDWIDTH
-        linear_flops = max(mv_flops - forward_flops, 0.0)
-        linear_bytes = max(mv_bytes - forward_bytes, 0.0)
-        mv = size * (linear_flops / _MODEL_FLOPS + linear_bytes / _BANDWIDTH)
-        return "rows" if rows <= mv else "mv"
+        indices = jax.ShapeDtypeStruct((self.num_data,), jnp.int32)
+        rows = seconds(
+            lambda op, i: op._rows(*op.data, i), indices, matmul_flops=accumulate
+        )
+        forward = seconds(lambda op: op._model()(op.data[0], op.params))
+        mv = seconds(lambda op, v: op.mv(v), self.in_structure())
+        return "rows" if rows <= size * max(mv - forward, 0.0) else "mv"
 
 
 # Per-datum rows are computed in chunks of about this many bytes: on a CPU, small
@@ -348,12 +340,6 @@ class AbstractCurvatureOperator(_AbstractScalable):
 _ROWS_BYTES = 2**22
 _GRAM_BYTES = 2**24
 _ACCELERATOR_ROWS_BYTES = 2**28
-
-# The cost model of `_dense_route`: flops per second of a large matrix product and
-# of a model's own (smaller, less regular) computations, and bytes per second.
-_MATMUL_FLOPS = 1e11
-_MODEL_FLOPS = 1e10
-_BANDWIDTH = 1e10
 
 
 def _is_concrete_nonnegative(value) -> bool:

@@ -281,9 +281,10 @@ def check_operator(operator, expected, params, seed=3, *, full=True):
     """Numbers read off `operator` agree with the dense matrix `expected`.
 
     Always `as_matrix()` and `mv` (whose result must look like `params`); with
-    `full`, also `linearise().mv` and `lineax.diagonal`. (Operators with a
-    `chunk_size` are slow to evaluate eagerly, so tests of every chunked
-    combination read the two essential numbers only.)
+    `full` (every curvature operator, chunked or not), also `linearise().mv`,
+    `lineax.diagonal` of the operator and of its linearisation, and the square
+    root: `A A^T = expected` with `A`'s columns `sqrt_mv(e_i)` over the basis of
+    `sqrt_shape()`. (`full=False` is for operators without those methods.)
     """
     expected = np.asarray(expected)
     vector = random_vector(params, seed)
@@ -291,12 +292,22 @@ def check_operator(operator, expected, params, seed=3, *, full=True):
     product = operator.mv(vector)
     assert_like_params(product, params)
     assert_close(flat(product), expected @ flat(vector), err_msg="mv")
-    if full:
-        assert_close(
-            flat(operator.linearise().mv(vector)),
-            expected @ flat(vector),
-            err_msg="linearise().mv",
-        )
-        assert_close(
-            lx.diagonal(operator), np.diag(expected), err_msg="lineax.diagonal"
-        )
+    if not full:
+        return
+    linearised = operator.linearise()
+    assert_close(
+        flat(linearised.mv(vector)), expected @ flat(vector), err_msg="linearise().mv"
+    )
+    assert_close(lx.diagonal(operator), np.diag(expected), err_msg="lineax.diagonal")
+    assert_close(
+        lx.diagonal(linearised), np.diag(expected), err_msg="linearised diagonal"
+    )
+    shape = operator.sqrt_shape()
+    basis = jnp.eye(shape[0] * shape[1]).reshape(-1, *shape)
+    columns = jax.vmap(lambda e: ravel_pytree(operator.sqrt_mv(e))[0])(basis)
+    assert_close(columns.T @ columns, expected, err_msg="sqrt_mv")
+    assert_close(
+        flat(linearised.sqrt_mv(basis.sum(0))),
+        columns.sum(0),
+        err_msg="linearise().sqrt_mv",
+    )

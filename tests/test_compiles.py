@@ -1,5 +1,8 @@
-"""Repeated products and solves with new params or data of the same shapes reuse
-one compilation: building an operator inside `jit` traces once per shape."""
+"""Compiled once: repeated eager calls of every operator method with new arrays of
+the same shapes compile nothing, and building an operator inside `jit` traces
+once per shape."""
+
+import contextlib
 
 import equinox as eqx
 import jax
@@ -34,6 +37,63 @@ def make_operator(kind, params, data, key, chunk_size):
 
 def shifted(tree, amount):
     return jax.tree_util.tree_map(lambda leaf: leaf + amount, tree)
+
+
+@contextlib.contextmanager
+def counted_compilations():
+    """The XLA compilations that run inside the block, as a growing list."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+METHODS = {
+    "mv": lambda op, vector, coefficients: op.mv(vector),
+    "sqrt_mv": lambda op, vector, coefficients: op.sqrt_mv(coefficients),
+    "as_matrix": lambda op, vector, coefficients: op.as_matrix(),
+    "diagonal": lambda op, vector, coefficients: op.diagonal(),
+    "linearise": lambda op, vector, coefficients: op.linearise(),
+    "linearised.mv": lambda op, vector, coefficients: op.linearise().mv(vector),
+    "linearised.sqrt_mv": lambda op, vector, coefficients: op.linearise().sqrt_mv(
+        coefficients
+    ),
+    "linearised.diagonal": lambda op, vector, coefficients: op.linearise().diagonal(),
+    "lineax.diagonal": lambda op, vector, coefficients: lx.diagonal(op),
+}
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["unchunked", "chunk2"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_repeated_eager_calls_compile_once(kind, chunk_size):
+    """Three eager calls of each method, each on a NEW operator built from new
+    params, data, key and vector of the same shapes: only the first compiles."""
+    params = init_params()
+    inputs, targets = make_data("labels")
+    vector = random_vector(params)
+    counts = {}
+    for name, method in METHODS.items():
+        counts[name] = []
+        for call in range(3):
+            operator = make_operator(
+                kind,
+                shifted(params, 0.1 * call),
+                (inputs + call, (targets + call) % 3),
+                jax.random.key(call),
+                chunk_size,
+            )
+            coefficients = jnp.full(operator.sqrt_shape(), 1.0 + call)
+            with counted_compilations() as compilations:
+                jax.block_until_ready(method(operator, vector, coefficients))
+            counts[name].append(len(compilations))
+    assert all(later == [0, 0] for _, *later in counts.values()), counts
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2])

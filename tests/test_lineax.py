@@ -204,6 +204,8 @@ def test_solve_every_operator(kind, solver):
 @pytest.mark.parametrize("solver", ["cg", "cholesky"])
 def test_scaled_fisher_plus_prior(scalar, solver):
     scaled = fo.scale(build("empirical"), scalar)
+    assert isinstance(scaled, fo.EmpiricalFisherOperator)
+    assert float(scaled.scale) == 0.5
     assert lx.is_symmetric(scaled)
     assert lx.is_positive_semidefinite(scaled)
     assert_close(scaled.as_matrix(), 0.5 * np.asarray(dense("empirical")))
@@ -372,3 +374,52 @@ def test_unravel_order_matches_as_matrix():
     for i in (0, 7, 12, 16, 30):
         basis = jnp.zeros_like(flat_params).at[i].set(1.0)
         assert_close(flat(op.mv(unravel(basis))), matrix[:, i])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scalar_times_operator_is_an_operator(kind):
+    """`s * op`, `op * s`, `op / s` and `fisherops.scale` with non-negative
+    scalars keep the fisherops operator (PSD, `sqrt_mv`, diagonal, linearised)."""
+    op = build(kind)
+    matrix = np.asarray(op.as_matrix())
+    linearised = op.linearise()
+    cases = [
+        (2.0 * op, 2.0),
+        (op * np.float64(3.0), 3.0),
+        (op / 4, 0.25),
+        (fo.scale(linearised, 2.0), 2.0),
+        (0.5 * linearised, 0.5),
+    ]
+    for scaled, factor in cases:
+        assert type(scaled) is type(op) or type(scaled) is type(linearised)
+        assert lx.is_positive_semidefinite(scaled)
+        assert_close(lx.diagonal(scaled), factor * np.diag(matrix))
+        coefficients = jnp.ones(scaled.sqrt_shape())
+        assert_close(
+            flat(scaled.sqrt_mv(coefficients)),
+            np.sqrt(factor) * flat(op.sqrt_mv(coefficients)),
+        )
+    assert "scale=2.0" in repr(2.0 * op)
+    assert not isinstance(-1.0 * op, type(op))  # lineax's product: not PSD
+    total = 2.0 * op + fo.PriorPrecision(PARAMS, 1.0)
+    solution = lx.linear_solve(total, RHS, SOLVERS["cg"]).value
+    assert_solution(solution, numpy_solve(2.0 * matrix + np.eye(matrix.shape[0]), RHS))
+
+
+def test_vector_widened_by_lineax_is_accepted():
+    """Mixed-dtype params (float32 + float64): a float32 leaf may come in float64
+    (lineax promotes inside CG) and is cast back; float32 where float64 is wanted
+    is still an error."""
+    params = {"layer1": jax.tree.map(lambda x: x.astype(jnp.float32), PARAMS["layer1"])}
+    params["layer2"] = PARAMS["layer2"]
+    op = build("ggn", params)
+    vector = random_vector(params)
+    product = op.mv(vector)
+    assert_like_params(product, params)
+    widened = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), vector)
+    for result in (op.mv(widened), op.linearise().mv(widened)):
+        assert_like_params(result, params)
+        assert_close(flat(result), flat(product))
+    narrowed = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), vector)
+    with pytest.raises(ValueError, match=r"vector\['layer2'\]\[0\] must be float64"):
+        op.mv(narrowed)

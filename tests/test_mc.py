@@ -294,14 +294,33 @@ def test_samples_depend_only_on_key_datum_and_sample_index(loss, target_kind):
     assert rank(second_sample) <= N_DATA
 
 
+def padded(x):
+    """Inputs of width 2 made width 3 by repeating the first feature."""
+    return jnp.concatenate([x, x[..., :1]], axis=-1)
+
+
+def padded_mlp(x, params):
+    return mlp(padded(x), params)
+
+
 @pytest.mark.parametrize(("loss", "target_kind"), LOSS_TARGETS, ids=LOSS_TARGET_IDS)
 def test_single_unbatched_datum_is_a_batch_of_one(loss, target_kind):
-    """Without vmap, one datum with no batch axis is datum n=0 of a batch of one."""
+    """Without vmap, one datum with no batch axis is datum n=0 of a batch of one.
+
+    Its input has width 2, the output 3: an input of the output's length would
+    read as a batch (the number of data points comes from the data)."""
     inputs, targets = make_data(target_kind)
-    single = mc((inputs[0], targets[0]), loss, vmap_over_data=False, mc_samples=2)
-    batch = mc((inputs[:1], targets[:1]), loss, mc_samples=2)
+    inputs = inputs[:, :2]
+    single = mc(
+        (inputs[0], targets[0]),
+        loss,
+        model_fn=padded_mlp,
+        vmap_over_data=False,
+        mc_samples=2,
+    )
+    batch = mc((inputs[:1], targets[:1]), loss, model_fn=padded_mlp, mc_samples=2)
     matrix = np.asarray(batch.as_matrix())
-    check_form(loss, matrix, inputs[:1], 2)
+    check_form(loss, matrix, padded(inputs[:1]), 2)
     vector = random_vector(PARAMS)
     assert_close(single.as_matrix(), matrix)
     assert_close(flat(single.mv(vector)), matrix @ flat(vector))
