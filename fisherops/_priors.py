@@ -97,6 +97,11 @@ class PriorPrecision(lx.AbstractLinearOperator):
             self.in_structure(),
         )
 
+    def diagonal(self) -> Float[Array, " P"]:
+        """The diagonal of `Λ`, flat `(P,)` in `ravel_pytree` order (as
+        `lineax.diagonal`)."""
+        return jfu.ravel_pytree(self.full_diagonal())[0]
+
     def mv(self, vector):
         return jtu.tree_map(lambda lam, v: lam * v, self.precision, vector)
 
@@ -115,7 +120,7 @@ class PriorPrecision(lx.AbstractLinearOperator):
 
 @lx.diagonal.register(PriorPrecision)
 def _(operator):
-    return jfu.ravel_pytree(operator.full_diagonal())[0]
+    return operator.diagonal()
 
 
 @lx.tridiagonal.register(PriorPrecision)

@@ -156,6 +156,7 @@ def test_prior_precision(precision):
     assert_close(prior.as_matrix(), expected)
     assert_close(flat(prior.mv(RHS)), expected @ flat(RHS))
     assert_close(lx.diagonal(prior), np.diag(expected))
+    assert_close(prior.diagonal(), np.diag(expected))
     assert lx.is_symmetric(prior)
     assert lx.is_positive_semidefinite(prior)
     assert lx.is_diagonal(prior)
