@@ -399,9 +399,35 @@ class LinearisedCurvatureOperator(_AbstractScalable):
                 on_chunk, operator.data, operator.num_data, operator.chunk_size
             )
 
+    # What the curvature operator holds, read through.
+
     @property
     def scale(self) -> Float[Array, ""]:
         return self.operator.scale
+
+    @property
+    def model_fn(self) -> ModelFn:
+        return self.operator.model_fn
+
+    @property
+    def params(self) -> PyTree[Float[Array, "..."]]:
+        return self.operator.params
+
+    @property
+    def data(self) -> tuple[PyTree, PyTree]:
+        return self.operator.data
+
+    @property
+    def num_data(self) -> int:
+        return self.operator.num_data
+
+    @property
+    def vmap_over_data(self) -> bool:
+        return self.operator.vmap_over_data
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.operator.chunk_size
 
     @eqx.filter_jit
     def mv(self, vector):
