@@ -6,6 +6,8 @@ replicated, XLA's SPMD partitioner has every device work on its own shard and su
 the results with one all-reduce. This module only helps to put the data there.
 """
 
+import math
+
 import jax
 import jax.tree_util as jtu
 import numpy as np
@@ -67,35 +69,60 @@ def shard_data(
     return jtu.tree_map_with_path(put, data)
 
 
-def data_shards(data: PyTree) -> int:
-    """How many pieces a data set's leading axis is split into across devices.
+def _leaf_shards(leaf) -> int | None:
+    """How many pieces `leaf`'s axis 0 is split into; None when not known.
 
-    1 for traced or unsharded data; only concrete `jax.Array`s know their sharding.
+    A concrete `jax.Array` knows its sharding. A traced array knows it only when
+    its type carries one (explicit mesh axes); under `jit` with the default
+    (automatic) axes it does not, and then, on more than one device, it is None.
     """
-    counts = {1}
-    for leaf in jtu.tree_leaves(data):
-        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-            if np.ndim(leaf) and not leaf.sharding.is_fully_replicated:
-                shard = leaf.sharding.shard_shape(leaf.shape)[0]
-                counts.add(leaf.shape[0] // shard)
-    return max(counts)
+    if not np.ndim(leaf):
+        return 1
+    if isinstance(leaf, jax.core.Tracer):
+        sharding = getattr(jax.typeof(leaf), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        axis_types = getattr(mesh, "axis_types", ())
+        explicit = [t == jax.sharding.AxisType.Explicit for t in axis_types]
+        if mesh is None or not any(explicit):
+            return None if jax.device_count() > 1 else 1
+        names = sharding.spec[0] if len(sharding.spec) else None
+        names = () if names is None else (names,) if isinstance(names, str) else names
+        return math.prod(mesh.shape[name] for name in names)
+    if isinstance(leaf, jax.Array) and not leaf.sharding.is_fully_replicated:
+        return leaf.shape[0] // leaf.sharding.shard_shape(leaf.shape)[0]
+    return 1
 
 
 def check_chunking(data: PyTree, num_data: int, chunk_size: int | None) -> None:
     """Refuse a `chunk_size` that would make XLA gather sharded data.
 
     Chunks keep a data set's sharding when `chunk_size` divides the number of data
-    points and is a multiple of the number of shards (see `_core.chunker`).
+    points and is a multiple of the number of shards (see `_core.chunker`). The
+    shards come from the arrays' shardings; for traced data (under `jit`) whose
+    type carries no sharding, on more than one device, the data is taken to be
+    sharded over all devices (the check runs at trace time, from static shapes).
     """
-    shards = data_shards(data)
-    if chunk_size is None or chunk_size >= num_data or shards == 1:
+    if chunk_size is None or chunk_size >= num_data:
         return
-    if num_data % chunk_size or chunk_size % shards:
-        per_device = num_data // shards
-        raise ValueError(
-            f"chunk_size must divide the number of data points ({num_data}) and be "
-            f"a multiple of the number of devices the data is sharded over "
-            f"({shards}), i.e. chunk_size / {shards} must divide the {per_device} "
-            f"points per device; got chunk_size={chunk_size}. Other values would "
-            "gather the whole data set onto every device."
-        )
+    counts = [_leaf_shards(leaf) for leaf in jtu.tree_leaves(data)]
+    assumed = None in counts
+    shards = jax.device_count() if assumed else max(counts, default=1)
+    if assumed and num_data % shards:
+        return  # data that cannot be split evenly over the devices is not sharded
+    if shards == 1 or not (num_data % chunk_size or chunk_size % shards):
+        return
+    per_device = num_data // shards
+    note = (
+        " Under jit the data's sharding is not known while tracing, so it is taken "
+        f"to be sharded over all {shards} devices; build the operator outside jit "
+        "if it is not."
+        if assumed
+        else ""
+    )
+    raise ValueError(
+        f"chunk_size must divide the number of data points ({num_data}) and be "
+        f"a multiple of the number of devices the data is sharded over "
+        f"({shards}), i.e. chunk_size / {shards} must divide the {per_device} "
+        f"points per device; got chunk_size={chunk_size}. Other values would "
+        f"gather the whole data set onto every device.{note}"
+    )

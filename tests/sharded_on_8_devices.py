@@ -86,8 +86,17 @@ def test_automatic_chunks_of_the_diagonal_keep_the_sharding(monkeypatch):
 @pytest.mark.parametrize("chunk_size", [12, 4])
 def test_chunk_size_that_would_gather_sharded_data_is_refused(chunk_size):
     # 12 does not divide the 64 points; 4 is not a multiple of the 8 devices.
-    with pytest.raises(ValueError, match="chunk_size"):
+    expected = (
+        r"chunk_size must divide the number of data points \(64\) and be a multiple "
+        r"of the number of devices the data is sharded over \(8\), i\.e\. chunk_size "
+        rf"/ 8 must divide the 8 points per device; got chunk_size={chunk_size}\."
+    )
+    with pytest.raises(ValueError, match=expected):
         operator("ef", fo.shard_data(DATA), chunk_size)
+    # Under jit (the README's way) the sharding is not known while tracing: the
+    # same refusal, from the static shapes, instead of an all-gather.
+    with pytest.raises(ValueError, match=expected + ".* Under jit the data's sharding"):
+        jax.jit(ft.partial(mv, "ef", chunk_size=chunk_size))(*fo.shard_data(DATA))
 
 
 def test_shard_data_refuses_a_data_axis_it_cannot_split():
