@@ -1,5 +1,98 @@
-"""Shared pytest configuration: every test runs in float64."""
+"""Shared pytest configuration.
+
+- Every test runs with 64-bit types on unless it turns them off itself
+  (`tests/test_float32.py` does, per test, with `jax.enable_x64(False)`).
+- Batched LAPACK calls are watched (issue 10.9). jaxlib's CPU LAPACK kernels
+  split a batch into tasks on XLA's intra-op thread pool and block until they
+  finish; two such calls running at once on a 2-core machine can each hold one
+  of the pool's two threads and wait forever for the other's tasks
+  (`tests/repro_lapack_deadlock.py` reproduces it). Every batched LAPACK call
+  traced during the session (a decomposition of a stack of matrices, e.g.
+  `jnp.linalg.inv`, `slogdet`, `cholesky` or `eigh` under `vmap`) gives a
+  `BatchedLapackWarning` at the line of the package or test that asked for it
+  (pytest's warnings summary lists them); the `batched_lapack_calls` fixture
+  lists the ones a test traced, so a test can require none
+  (`tests/test_no_batched_lapack.py` does for the library's decompositions).
+  Dense references in tests use numpy (`np.linalg`) or unbatched calls
+  (`jax.lax.map`) instead. `pytest-timeout` (pyproject.toml) turns any hang that
+  remains into a failure with every thread's stack.
+"""
+
+import traceback
+import warnings
+from pathlib import Path
 
 import jax
+import jax.lax.linalg
+import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# The jax primitives that run a jaxlib LAPACK kernel on CPU.
+LAPACK_PRIMITIVES = (
+    "cholesky",
+    "eig",
+    "eigh",
+    "hessenberg",
+    "householder_product",
+    "lu",
+    "ormqr",
+    "qr",
+    "schur",
+    "svd",
+    "triangular_solve",
+    "tridiagonal",
+    "tridiagonal_solve",
+)
+
+
+class BatchedLapackWarning(UserWarning):
+    """A LAPACK decomposition of a stack of matrices was traced (see above)."""
+
+
+_calls: list[tuple[str, tuple[int, ...], str]] = []
+
+
+def _origin() -> traceback.FrameSummary | None:
+    """The innermost frame in the package or the tests: who asked for the call."""
+    for frame in reversed(traceback.extract_stack()):
+        folder = Path(frame.filename).parent.name
+        if frame.filename != __file__ and folder in ("fisherops", "tests"):
+            return frame
+    return None
+
+
+def _watching(name, primitive):
+    bind = primitive.bind
+
+    def watched_bind(*args, **params):
+        # The matrix operand: `b` (..., m, k) for tridiagonal_solve, else the first.
+        shape = jax.numpy.shape(args[-1 if name == "tridiagonal_solve" else 0])
+        if len(shape) > 2 and any(size > 1 for size in shape[:-2]):
+            frame = _origin()
+            where = f"{frame.filename}:{frame.lineno}" if frame else "unknown"
+            _calls.append((name, shape, where))
+            warnings.warn_explicit(
+                f"batched LAPACK call {name} on shape {shape} (from {where}): two "
+                "of these at once can deadlock jaxlib's CPU thread pool; use "
+                "np.linalg or jax.lax.map over the batch",
+                BatchedLapackWarning,
+                frame.filename if frame else "unknown",
+                frame.lineno if frame else 0,
+            )
+        return bind(*args, **params)
+
+    primitive.bind = watched_bind
+
+
+for _name in LAPACK_PRIMITIVES:
+    _watching(_name, getattr(jax.lax.linalg, f"{_name}_p"))
+
+
+@pytest.fixture
+def batched_lapack_calls():
+    """`calls()`: the batched LAPACK calls `(primitive, shape, "file:line")`
+    traced since the test started. A function compiled earlier in the session is
+    not traced again: give the test shapes of its own."""
+    start = len(_calls)
+    return lambda: list(_calls[start:])

@@ -1,0 +1,99 @@
+"""The library never compiles a batched LAPACK call (issue 10.9).
+
+jaxlib's CPU LAPACK kernels run a batch of decompositions as tasks on XLA's
+intra-op thread pool and block until they finish; two such calls at once can
+deadlock a 2-core machine (`tests/repro_lapack_deadlock.py`). A user's call into
+fisherops must not be able to reach that. The paths that decompose a matrix
+inside a map or a vmap (SLQ, the evidence search, the dense predictive, default
+likelihood Hessian square roots) run here, and the batched LAPACK calls they
+traced (`batched_lapack_calls`, see conftest.py) must be none. Every other test
+is watched too: a batched call anywhere shows as a `BatchedLapackWarning` in the
+run's warnings summary.
+
+The shapes (3 inputs, 5 hidden, 4 classes, 11 points) are used by no other test,
+so nothing here is served from an earlier compilation.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import BatchedLapackWarning
+
+import fisherops as fo
+
+D_IN, HIDDEN, CLASSES, N = 3, 5, 4, 11
+
+
+def mlp(x, params):
+    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def problem():
+    rng = np.random.default_rng(11)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(D_IN, HIDDEN)) / 2),
+        "b1": jnp.asarray(rng.normal(size=HIDDEN) / 4),
+        "w2": jnp.asarray(rng.normal(size=(HIDDEN, CLASSES)) / 2),
+        "b2": jnp.zeros(CLASSES),
+    }
+    data = (
+        jnp.asarray(rng.normal(size=(N, D_IN))),
+        jnp.asarray(rng.integers(0, CLASSES, N)),
+    )
+    return params, data
+
+
+def test_the_watch_sees_a_batched_call(batched_lapack_calls):
+    """The guard itself: a vmapped `inv` in a test is seen, with its line."""
+    stack = jnp.stack([jnp.eye(2), 2 * jnp.eye(2), 3 * jnp.eye(2)])
+    with pytest.warns(BatchedLapackWarning, match="lu on shape"):
+        jax.vmap(jnp.linalg.inv)(stack)
+    calls = batched_lapack_calls()
+    assert ("lu", (3, 2, 2)) in [(name, shape) for name, shape, _ in calls]
+    assert all(where.startswith(__file__) for _, _, where in calls)
+
+
+def test_logdets_and_prior_tuning(batched_lapack_calls):
+    """SLQ's tridiagonal eigendecompositions (one per probe) and the evidence
+    search that hung CI (`test_optimize_prior_precision_by_slq`)."""
+    params, data = problem()
+    ggn = fo.GGNOperator(mlp, params, data, "cross_entropy")
+    key = jax.random.key(0)
+    posterior = fo.LaplacePosterior(ggn, 0.5)
+    for method in ("dense", "eigh", "slq"):
+        posterior.logdet(method, key=key, num_probes=3, num_lanczos_steps=5)
+    fo.optimize_prior_precision(
+        ggn,
+        params,
+        -3.0,
+        logdet_method="slq",
+        key=key,
+        num_probes=3,
+        num_lanczos_steps=5,
+        num_steps=2,
+    )
+    fo.optimize_prior_precision(ggn, params, -3.0, prior="layerwise", num_steps=2)
+    assert batched_lapack_calls() == []
+
+
+def test_dense_posterior(batched_lapack_calls):
+    """One Cholesky for solves, samples and the predictive variances of many
+    inputs (triangular solves with many right-hand sides, not a stack)."""
+    params, data = problem()
+    ggn = fo.GGNOperator(mlp, params, data, "cross_entropy")
+    posterior = fo.LaplacePosterior(ggn, 0.5).factorise()
+    posterior.sample(jax.random.key(1), 3)
+    posterior.predictive(data[0][:4], chunk_size=2)
+    assert batched_lapack_calls() == []
+
+
+def test_likelihood_hessian_square_roots(batched_lapack_calls):
+    """A likelihood without a closed-form `hessian_sqrt` gets one from its dense
+    output Hessian by `eigh`: per datum, not one call on a stack of N."""
+    params, (inputs, _) = problem()
+    targets = jnp.asarray(np.random.default_rng(2).normal(size=(N, CLASSES)))
+    quartic = fo.Likelihood(lambda f, y: jnp.sum((f - y) ** 4 + (f - y) ** 2))
+    ggn = fo.GGNOperator(mlp, params, (inputs, targets), quartic)
+    ggn.as_matrix()
+    assert batched_lapack_calls() == []
