@@ -208,6 +208,7 @@ class KFACOperator(lx.AbstractLinearOperator):
     input_covariances: tuple[Float[Array, "Di Di"], ...]
     gradient_covariances: tuple[Float[Array, "Do Do"], ...]
     other_diagonals: tuple[Float[Array, "..."], ...]
+    eigendecompositions: tuple[tuple[Array, Array, Array, Array], ...] | None
     kind: str = eqx.field(static=True)
     num_data: int = eqx.field(static=True)
     vmap_over_data: bool = eqx.field(static=True)
@@ -260,6 +261,7 @@ class KFACOperator(lx.AbstractLinearOperator):
         self.input_covariances = inputs
         self.gradient_covariances = gradients
         self.other_diagonals = others
+        self.eigendecompositions = None
         self.kind = kind
         self.num_data = curvature.num_data
         self.vmap_over_data = vmap_over_data
@@ -332,6 +334,20 @@ class KFACOperator(lx.AbstractLinearOperator):
     # ----------------------------------------------------------------------- #
     # The damped algebra.
     # ----------------------------------------------------------------------- #
+
+    def decompose(self) -> "KFACOperator":
+        """The same operator holding the eigendecompositions of every `A` and `G`.
+
+        `inverse`, `logdet` and `inverse_sqrt_mv` otherwise decompose the factors on
+        every call; decompose once before evaluating many priors (e.g. when tuning
+        the prior precision).
+        """
+        return eqx.tree_at(
+            lambda op: op.eigendecompositions,
+            self,
+            _eigendecompositions(self),
+            is_leaf=lambda x: x is None,
+        )
 
     def _prior(self, prior_precision) -> PriorPrecision:
         if not isinstance(prior_precision, PriorPrecision):
@@ -442,14 +458,25 @@ class _Damped(eqx.Module):
 
 
 @eqx.filter_jit
-def _damp(kfac: KFACOperator, prior: PriorPrecision) -> _Damped:
-    precision = jtu.tree_leaves(prior.precision)
-    full = jtu.tree_leaves(prior.full_diagonal())
-    eigen, weight_precision, bias_shift = [], [], []
-    for layer, a, g in kfac._blocks():  # one eigh per factor: no batched LAPACK
+def _eigendecompositions(kfac: KFACOperator) -> tuple:
+    """`(U, α, Q, γ)` per layer; one `eigh` per factor (no batched LAPACK)."""
+    eigen = []
+    for _, a, g in kfac._blocks():
         alpha, u = jnp.linalg.eigh((a + a.T) / 2)
         gamma, q = jnp.linalg.eigh((g + g.T) / 2)
         eigen.append((u, jnp.maximum(alpha, 0), q, jnp.maximum(gamma, 0)))
+    return tuple(eigen)
+
+
+@eqx.filter_jit
+def _damp(kfac: KFACOperator, prior: PriorPrecision) -> _Damped:
+    precision = jtu.tree_leaves(prior.precision)
+    full = jtu.tree_leaves(prior.full_diagonal())
+    eigen = kfac.eigendecompositions
+    if eigen is None:
+        eigen = _eigendecompositions(kfac)
+    weight_precision, bias_shift = [], []
+    for layer, a, _ in kfac._blocks():
         lam_w = jnp.mean(precision[layer.weight]).astype(a.dtype)
         weight_precision.append(lam_w)
         if layer.bias is None:

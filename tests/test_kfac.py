@@ -447,3 +447,62 @@ def test_repeated_calls_compile_nothing():
     second = calls(0.5)
     assert len(_COMPILES) == before
     assert not np.allclose(first[3], second[3])
+
+
+def test_laplace_posterior_uses_the_kronecker_algebra():
+    op = GGN_KFAC.decompose()
+    posterior = fo.LaplacePosterior(op, LAYERWISE)
+    damped = np.asarray(op.as_matrix()) + np.diag(
+        ravel_pytree(fo.PriorPrecision(MLP_PARAMS, LAYERWISE).full_diagonal())[0]
+    )
+    covariance = np.linalg.inv(damped)
+    rhs = jax.tree_util.tree_map(jnp.ones_like, MLP_PARAMS)
+    np.testing.assert_allclose(
+        ravel_pytree(posterior.solve(rhs))[0],
+        covariance @ np.ones(len(damped)),
+        rtol=1e-9,
+    )
+    np.testing.assert_allclose(
+        posterior.logdet(), np.linalg.slogdet(damped)[1], rtol=1e-10
+    )
+    samples = posterior.sample(jax.random.key(50), 20_000)
+    flat = jax.vmap(lambda s: ravel_pytree(s)[0])(samples)
+    np.testing.assert_allclose(flat.mean(0), ravel_pytree(MLP_PARAMS)[0], atol=0.05)
+    scale = np.sqrt(np.outer(np.diag(covariance), np.diag(covariance)))
+    np.testing.assert_allclose(np.cov(flat.T) / scale, covariance / scale, atol=0.04)
+
+
+def test_factors_match_laplace_torch():
+    """laplace-torch's 'kron' (curvlinops backend) keeps a layer's weight and bias
+    apart: its weight factors are `[G, A[:-1, :-1]]`, its bias factor `[G]`."""
+    torch = pytest.importorskip("torch")
+    laplace = pytest.importorskip("laplace")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)
+    ).double()
+    x, y = torch.randn(N, 3, dtype=torch.float64), torch.randint(0, 4, (N,))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=N
+    )
+    la = laplace.Laplace(
+        model, "classification", subset_of_weights="all", hessian_structure="kron"
+    )
+    la.fit(loader)
+    linears = [model[0], model[2]]
+    params = {}
+    for i, layer in enumerate(linears):
+        params[f"w{i}"] = jnp.asarray(layer.weight.detach().numpy()).T
+        params[f"b{i}"] = jnp.asarray(layer.bias.detach().numpy())
+    op = fo.KFACOperator(
+        mlp, params, (jnp.asarray(x.numpy()), jnp.asarray(y.numpy())), "cross_entropy"
+    )
+    for i in range(len(linears)):
+        (g, a), (g_bias,) = la.H_facs.kfacs[2 * i], la.H_facs.kfacs[2 * i + 1]
+        np.testing.assert_allclose(g.numpy(), op.gradient_covariances[i], atol=1e-12)
+        np.testing.assert_allclose(
+            g_bias.numpy(), op.gradient_covariances[i], atol=1e-12
+        )
+        np.testing.assert_allclose(
+            a.numpy(), op.input_covariances[i][:-1, :-1], atol=1e-12
+        )
