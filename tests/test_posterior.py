@@ -358,6 +358,30 @@ def test_repeated_eager_calls_compile_once():
 
 
 # --------------------------------------------------------------------------
+# KFAC
+# --------------------------------------------------------------------------
+
+
+def test_kfac_curvature():
+    """A layerwise prior: solves and the predictive by the exact Kronecker
+    inverse. A prior that varies within a layer: CG on `K + Λ`, preconditioned by
+    KFAC's nearby inverse. Both against the dense `K + Λ`."""
+    kfac = fo.KFACOperator(mlp, PARAMS, DATA, LOSS).decompose()
+    matrix = np.asarray(kfac.as_matrix())
+    layerwise = jax.tree.unflatten(jax.tree.structure(PARAMS), [0.3, 2.0, 1.1, 0.5])
+    vector = random_vector(PARAMS)
+    for prior in (layerwise, DIAGONAL_PRIOR):
+        posterior = fo.LaplacePosterior(kfac, prior)
+        expected = np.linalg.solve(matrix + dense_prior(PARAMS, prior), flat(vector))
+        tolerance = 1e-9 if prior is layerwise else 1e-6
+        assert_close(flat(posterior.solve(vector)), expected, rtol=tolerance)
+    posterior = fo.LaplacePosterior(kfac, layerwise)
+    _, variance = posterior.predictive(INPUTS, approximation="none")
+    _, covariances = dense_predictive(matrix, layerwise, INPUTS)
+    assert_close(variance, np.diagonal(covariances, axis1=1, axis2=2))
+
+
+# --------------------------------------------------------------------------
 # float32 CG on a trained network
 # --------------------------------------------------------------------------
 
