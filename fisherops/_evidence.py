@@ -390,7 +390,7 @@ def optimize_prior_precision(
     *,
     objective: Literal["evidence", "validation"] = "evidence",
     prior: Literal["scalar", "layerwise", "diagonal"] = "scalar",
-    init=1.0,
+    init=None,
     grid: Float[ArrayLike, " K"] | None = None,
     validation_data=None,
     num_steps: int = 100,
@@ -438,7 +438,8 @@ def optimize_prior_precision(
     - `log_likelihood`: `log p(D | θ*)`; it shifts the evidence, not its maximiser.
     - `objective`, `prior`, `grid`: as above.
     - `init`: the starting `λ > 0` of the fixed point: a scalar, a
-      `PriorPrecision`, or what `PriorPrecision(params, ·)` accepts.
+      `PriorPrecision`, or what `PriorPrecision(params, ·)` accepts (default:
+      the posterior's prior precision, or 1).
     - `validation_data`: `(inputs, targets)` for `objective="validation"`.
     - `num_steps`: the most fixed-point steps.
     - `tolerance`: stop when a step changes every `log λ_g` by less (default
@@ -505,7 +506,7 @@ def _unpack(curvature_or_posterior, params, init):
         posterior = curvature_or_posterior
         curvature = posterior.curvature
         params = posterior.params if params is None else params
-        init = posterior.prior_precision if isinstance(init, float) else init
+        init = posterior.prior_precision if init is None else init
     elif isinstance(curvature_or_posterior, lx.AbstractLinearOperator):
         curvature = curvature_or_posterior
         if params is None:
@@ -522,7 +523,7 @@ def _unpack(curvature_or_posterior, params, init):
         )
     params = jtu.tree_map(jnp.asarray, params)
     _check_like("params", params, curvature.in_structure())
-    return curvature, params, init
+    return curvature, params, 1.0 if init is None else init
 
 
 def _progress_bar(progress, objective, grid, num_steps):
