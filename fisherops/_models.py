@@ -39,10 +39,36 @@ class _FlaxNNXModel(eqx.Module):
     rest: Any
 
     def __call__(self, x, params):
-        from flax import nnx
+        from flax import errors, nnx
 
         state = jtu.tree_unflatten(self.params_treedef, jtu.tree_leaves(params))
-        return nnx.merge(self.graphdef, state, self.rest)(x)
+        try:
+            return nnx.merge(self.graphdef, state, self.rest)(x)
+        except errors.TraceContextError as error:
+            raise ValueError(
+                f"the Flax module updates its state when called ({error}); a "
+                "curvature needs a deterministic network: call module.eval() before "
+                "fisherops.from_flax_nnx(module)."
+            ) from error
+
+
+_TRAINING_FLAGS = ("deterministic", "use_running_average")
+
+
+def _training_parts(module) -> list[str]:
+    """The submodules in training mode (dropout on, batch statistics updated)."""
+    from flax import nnx
+
+    modules = nnx.iter_modules(module) if hasattr(nnx, "iter_modules") else None
+    if modules is None:
+        modules = module.iter_modules()
+    return [
+        f"{'/'.join(map(str, path)) or 'the module'} ({type(sub).__name__}, "
+        f"{flag}=False)"
+        for path, sub in modules
+        for flag in _TRAINING_FLAGS
+        if getattr(sub, flag, None) is False
+    ]
 
 
 def _is_floating_param(path, variable) -> bool:
@@ -65,8 +91,8 @@ def from_flax_nnx(module) -> tuple[Callable[[Any, PyTree], Array], PyTree]:
     batch, if the module takes batches). `model_fn` holds no traced arrays, so it
     is safe inside `jit`, `lineax.CG` and `lineax.Cholesky`.
 
-    Call `module.eval()` first if it has dropout or batch norm: `model_fn` runs
-    the module in the mode it is in.
+    Call `module.eval()` first if it has dropout or batch norm: a module in
+    training mode (dropout on, batch statistics updated) is refused.
 
     ```python
     from flax import nnx
@@ -90,6 +116,13 @@ def from_flax_nnx(module) -> tuple[Callable[[Any, PyTree], Array], PyTree]:
     if not isinstance(module, nnx.Module):
         raise TypeError(
             f"from_flax_nnx needs a flax.nnx.Module; got {type(module).__name__}."
+        )
+    training = _training_parts(module)
+    if training:
+        raise ValueError(
+            "module must be in evaluation mode: the curvature is that of the "
+            "deterministic network, and a module in training mode updates its state "
+            f"on every call; got {', '.join(training)}. Call module.eval() first."
         )
     graphdef, params_state, rest = nnx.split(module, _is_floating_param, ...)
     params = nnx.to_pure_dict(params_state)

@@ -7,6 +7,8 @@ permutation `d adapter_params / d plain_params` (by `jax.jacfwd`, in
 `ravel_pytree` order on both sides).
 """
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -248,3 +250,49 @@ def test_from_flax_nnx_rejects_other_objects():
     pytest.importorskip("flax.nnx", reason="flax is not installed")
     with pytest.raises(TypeError, match="flax.nnx.Module"):
         fo.from_flax_nnx(plain_mlp)
+
+
+def test_from_flax_nnx_refuses_a_module_in_training_mode():
+    nnx = pytest.importorskip("flax.nnx", reason="flax is not installed")
+    rngs = nnx.Rngs(0)
+    module = nnx.Sequential(
+        nnx.Linear(D_IN, HIDDEN, rngs=rngs),
+        nnx.Dropout(0.5, rngs=rngs),
+        nnx.Linear(HIDDEN, N_OUT, rngs=rngs),
+    )
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "module must be in evaluation mode: the curvature is that of the "
+            "deterministic network, and a module in training mode updates its state "
+            "on every call; got layers/1 (Dropout, deterministic=False). Call "
+            "module.eval() first."
+        ),
+    ):
+        fo.from_flax_nnx(module)
+    module.eval()
+    model_fn, params = fo.from_flax_nnx(module)
+    inputs = jnp.ones((2, D_IN))
+    np.testing.assert_allclose(model_fn(inputs[0], params), module(inputs[0]))
+
+
+def test_flax_nnx_module_that_updates_state_is_reported_at_first_use():
+    nnx = pytest.importorskip("flax.nnx", reason="flax is not installed")
+
+    class Counting(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(D_IN, N_OUT, rngs=rngs)
+            self.calls = nnx.Variable(jnp.asarray(0))
+
+        def __call__(self, x):
+            self.calls[...] += 1
+            return self.linear(x)
+
+    model_fn, params = fo.from_flax_nnx(Counting(nnx.Rngs(0)))
+    data = (jnp.ones((N_DATA, D_IN)), jnp.zeros(N_DATA, int))
+    with pytest.raises(
+        ValueError,
+        match=r"the Flax module updates its state when called \(.*call "
+        r"module\.eval\(\) before fisherops\.from_flax_nnx\(module\)\.",
+    ):
+        fo.GGNOperator(model_fn, params, data, "cross_entropy")
