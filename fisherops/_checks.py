@@ -168,14 +168,14 @@ def _check_params(params: PyTree) -> PyTree:
     return params
 
 
-def _split_data(data: Data) -> tuple[PyTree, PyTree]:
+def _split_data(data: Data, name: str = "data") -> tuple[PyTree, PyTree]:
     """`(inputs, targets)` from `{"input": X, "target": Y}` or `(X, Y)`."""
     if isinstance(data, dict) and set(data) >= {"input", "target"}:
         return data["input"], data["target"]
     if isinstance(data, tuple | list) and len(data) == 2:
         return tuple(data)
     raise TypeError(
-        "data must be {'input': X, 'target': Y} or a tuple (X, Y); got "
+        f"{name} must be {{'input': X, 'target': Y}} or a tuple (X, Y); got "
         f"{type(data).__name__}"
         + (f" with keys {sorted(data)}" if isinstance(data, dict) else "")
         + "."
