@@ -520,6 +520,45 @@ def _print_tables(results: dict) -> None:
         )
 
 
+def prior_comparison(results: dict) -> dict[str, dict[str, str]]:
+    """Per curvature and data set, which prior tuning gives the better
+    predictive: `"evidence"` or `"validation"` (lower NLL on labelled data sets,
+    higher AUROC on OOD ones; `"tie"` within 1e-4)."""
+
+    def winner(evidence, validation, lower_is_better):
+        if abs(evidence - validation) < 1e-4:
+            return "tie"
+        return (
+            "evidence" if (evidence < validation) == lower_is_better else "validation"
+        )
+
+    comparison = {}
+    for name, validated in results.items():
+        if not name.endswith(" (validation λ)"):
+            continue
+        evidence = results[name.removesuffix(" (validation λ)")]
+        sets = {"test": ("test",), "pixel noise": ("pixel_noise",)}
+        sets |= {f"rotated {a}": ("rotated", str(a)) for a in ANGLES}
+
+        def nll(result, path):
+            for key in path:
+                result = result[key]
+            return result["nll"]
+
+        row = {
+            label: winner(nll(evidence, path), nll(validated, path), True)
+            for label, path in sets.items()
+        }
+        row |= {
+            f"AUROC {ood}": winner(
+                evidence["ood_auroc"][ood], validated["ood_auroc"][ood], False
+            )
+            for ood in evidence["ood_auroc"]
+        }
+        comparison[name.removesuffix(" (validation λ)")] = row
+    return comparison
+
+
 def targets(results: dict) -> dict[str, bool]:
     """The issue's targets on the demo's own numbers: the GGN Laplace has lower
     NLL and ECE than the MAP on the 30° and 60° rotations, and a higher AUROC on
@@ -631,6 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the evidence and (rows '(validation λ)') by the validation NLL"
     )
     _print_tables(results)
+    comparison = prior_comparison(results)
+    print("\nwhich prior tuning wins (NLL; AUROC on OOD):")
+    columns = list(next(iter(comparison.values())))
+    print(f"{'':<28}" + "".join(f"{c[:11]:>12}" for c in columns))
+    for name, row in comparison.items():
+        print(f"{name:<28}" + "".join(f"{row[c]:>12}" for c in columns))
     print("\nLaplace GGN better than MAP (targets):")
     for check, met in targets(results).items():
         print(f"  {check:<16}{'yes' if met else 'NO'}")
@@ -641,7 +686,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"setups": results, "seconds": total}, file, indent=1)
+            json.dump(
+                {
+                    "setups": results,
+                    "prior_comparison": comparison,
+                    "targets": targets(results),
+                    "seconds": total,
+                },
+                file,
+                indent=1,
+            )
         print(f"metrics written to {args.json}")
     if _has("matplotlib"):
         import matplotlib

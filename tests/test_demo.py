@@ -110,6 +110,31 @@ def test_targets_compare_laplace_ggn_with_map():
     assert not any(demo.targets({"MAP": better, "Laplace GGN": result}).values())
 
 
+def test_prior_comparison_names_the_better_tuning():
+    evidence, *_ = fake_evaluation(0)
+    validated, *_ = fake_evaluation(1)
+    comparison = demo.prior_comparison(
+        {"Laplace GGN": evidence, "Laplace GGN (validation λ)": validated}
+    )["Laplace GGN"]
+    assert set(comparison) == {
+        "test",
+        "pixel noise",
+        *(f"rotated {a}" for a in demo.ANGLES),
+        "AUROC noise",
+        "AUROC inverted",
+    }
+    better = (
+        "evidence"
+        if evidence["rotated"]["30"]["nll"] < validated["rotated"]["30"]["nll"]
+        else "validation"
+    )
+    assert comparison["rotated 30"] == better
+    same = demo.prior_comparison(
+        {"Laplace GGN": evidence, "Laplace GGN (validation λ)": evidence}
+    )
+    assert set(same["Laplace GGN"].values()) == {"tie"}
+
+
 def test_plots_write_pngs(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
