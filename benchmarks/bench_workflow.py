@@ -68,6 +68,14 @@ TRAIN_PRIOR = 1.0
 SEED = 0
 
 
+def clocked(fn, *args, block=lambda out: out, **kwargs):
+    """`(fn(*args, **kwargs), (wall seconds, process CPU seconds))`: CPU time,
+    all threads, is the steadier measure on a shared machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = block(fn(*args, **kwargs))
+    return out, (time.perf_counter() - wall, time.process_time() - cpu)
+
+
 def load() -> str:
     return "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
 
@@ -274,9 +282,7 @@ def run_fisherops(model: str, curvature: str, weights: str, repeats: int) -> dic
     )
 
     def timed(fn, *args):
-        begin = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        return out, time.perf_counter() - begin
+        return clocked(fn, *args, block=jax.block_until_ready)
 
     def predict(state, prior):  # the posterior's factorisation is counted here
         laplace = posterior(state, prior)
@@ -415,10 +421,7 @@ def run_laplace_torch(model, net, curvature, train_data, test_inputs, repeats):
     }[curvature]
     torch.manual_seed(SEED)
 
-    def timed(fn, *args, **kwargs):
-        begin = time.perf_counter()
-        out = fn(*args, **kwargs)
-        return out, time.perf_counter() - begin
+    timed = clocked
 
     def build():
         la = Laplace(net, "classification", subset_of_weights="all", **options)
@@ -475,7 +478,10 @@ def run_laplace_torch(model, net, curvature, train_data, test_inputs, repeats):
 # --------------------------------------------------------------------------- #
 
 
-def first_and_compiled(times: list[float]) -> tuple[float, float]:
+def first_and_compiled(times: list, clock: int = 0) -> tuple[float, float]:
+    """The first call's and the median later call's seconds (`clock` 0: wall,
+    1: CPU)."""
+    times = [t[clock] for t in times]
     first = times[0]
     compiled = statistics.median(times[1:]) if len(times) > 1 else float("nan")
     return first, compiled
@@ -504,13 +510,13 @@ def report(model, num, accuracy, curvature, ours, theirs) -> list[str]:
     print("  load average " + ", ".join(loads))
     print(
         f"  {'step':<14}{'first':>10}{'compiled':>10}{'lt first':>10}{'lt':>10}"
-        f"{'ratio':>8}{'ratio 1st':>10}"
+        f"{'ratio':>10}{'ratio 1st':>10}{'CPU ratio':>10}"
     )
     rows = []
     for result in (ours, theirs):
         if result is not None:  # the whole workflow, repeat by repeat
             result["times"]["total"] = [
-                sum(times)
+                [sum(t[clock] for t in times) for clock in (0, 1)]
                 for times in zip(*(result["times"][s] for s in STEPS), strict=True)
             ]
     for step in (*STEPS, "total"):
@@ -520,8 +526,13 @@ def report(model, num, accuracy, curvature, ours, theirs) -> list[str]:
         lt_first, lt = (
             first_and_compiled(theirs["times"][step]) if theirs else (nan, nan)
         )
+        _, cpu = first_and_compiled(ours["times"][step], 1) if ours else (nan, nan)
+        _, lt_cpu = (
+            first_and_compiled(theirs["times"][step], 1) if theirs else (nan, nan)
+        )
         cells = [fmt(first), fmt(compiled), fmt(lt_first), fmt(lt)]
         cells += [f"{compiled / lt:.2f}", f"{first / lt_first:.2f}"]
+        cells += [f"{cpu / lt_cpu:.2f}"]
         cells = [c.replace("nan", "-") for c in cells]
         print(f"  {step:<14}" + "".join(f"{c:>10}" for c in cells))
         rows.append(f"| {model} | {curvature} | {step} | " + " | ".join(cells) + " |")
@@ -564,6 +575,16 @@ def main():
     parser.add_argument("--curvatures", default=None, help="default ggn,mc,ef[,kfac]")
     parser.add_argument("--epochs", type=int, default=60, help="training epochs")
     parser.add_argument("--no-torch", action="store_true", help="skip laplace-torch")
+    parser.add_argument(
+        "--lt-repeats", type=int, default=None, help="laplace-torch's (default: same)"
+    )
+    parser.add_argument("--save-torch", help="write laplace-torch's results (JSON)")
+    parser.add_argument(
+        "--torch-only", action="store_true", help="skip the fisherops side"
+    )
+    parser.add_argument(
+        "--load-torch", help="read laplace-torch's results instead of running it"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -610,11 +631,19 @@ def main():
 
     (x_train, y_train), (x_test, y_test) = digits()
     rows = []
+    saved = {}
+    loaded = {}
+    if options.load_torch:
+        with open(options.load_torch) as file:
+            loaded = json.load(file)
+        print(f"laplace-torch's results read from {options.load_torch}")
     with tempfile.TemporaryDirectory() as folder:
         for model in options.models.split(","):
             model_fn, params, accuracy = train(model, x_train, y_train, options.epochs)
             weights = str(pathlib.Path(folder) / f"{model}.eqx")
             eqx.tree_serialise_leaves(weights, params)
+            checksum = sum(float(abs(leaf).sum()) for leaf in jax.tree.leaves(params))
+            print(f"\n{model}: trained, sum |θ| = {checksum:.6f}")
             net = None
             if use_torch:
                 import numpy as np
@@ -632,26 +661,37 @@ def main():
                     f"{np.max(np.abs(torch_logits - jax_logits)):.2e}"
                 )
             for curvature in curvatures:
-                ours = fisherops_in_subprocess(model, curvature, weights, repeats)
+                ours = None
+                if not options.torch_only:
+                    ours = fisherops_in_subprocess(model, curvature, weights, repeats)
                 theirs = None
-                if use_torch:
+                if f"{model}:{curvature}" in loaded:
+                    theirs = loaded[f"{model}:{curvature}"]
+                elif use_torch:
                     theirs = run_laplace_torch(
                         model,
                         net,
                         curvature,
                         (jax_inputs(model, x_train), y_train),
                         jax_inputs(model, x_test),
-                        repeats,
+                        options.lt_repeats or repeats,
                     )
+                    saved[f"{model}:{curvature}"] = theirs
+                    if options.save_torch:  # after each, for long runs
+                        with open(options.save_torch, "w") as file:
+                            json.dump(saved, file)
                 rows += report(
                     model, num_params(params), accuracy, curvature, ours, theirs
                 )
     print(
         "\n| model | curvature | step | first | compiled | laplace-torch first "
-        "| laplace-torch | ratio | ratio first |"
+        "| laplace-torch | ratio | ratio first | CPU ratio |"
     )
-    print("|---" * 9 + "|")
+    print("|---" * 10 + "|")
     print("\n".join(rows))
+    if options.save_torch:
+        with open(options.save_torch, "w") as file:
+            json.dump(saved, file)
     del y_test
 
 
