@@ -337,12 +337,11 @@ def test_likelihood_closing_over_a_traced_noise_scale():
     data = (jnp.asarray(inputs), targets)
     rhs = jax.tree.map(jnp.ones_like, cast(params, jnp.float64))
 
-    def solution_norm(sigma, make_likelihood, solver):
-        ggn = fo.GGNOperator(
-            mlp, cast(params, jnp.float64), data, make_likelihood(sigma)
-        )
+    def solution_norm(sigma, make_likelihood):
+        likelihood = make_likelihood(sigma)
+        ggn = fo.GGNOperator(mlp, cast(params, jnp.float64), data, likelihood)
         precision = ggn + fo.PriorPrecision(rhs, 1.0)
-        x = lx.linear_solve(precision, rhs, solver).value
+        x = lx.linear_solve(precision, rhs, lx.Cholesky()).value
         return sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(x))
 
     def closure(sigma):
