@@ -22,6 +22,7 @@ scalar per params leaf): the bias row's different precision is a rank-one update
 in the `A` factor, handled by Sherman-Morrison per eigenvalue of `G`.
 """
 
+import functools as ft
 from collections.abc import Callable, Hashable
 from typing import Any, Literal
 
@@ -36,7 +37,12 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Real, Scalar
 
 from . import _core, _layers
 from ._checks import _check_like, _check_method
-from ._operators import EmpiricalFisherOperator, GGNOperator, MCFisherOperator
+from ._operators import (
+    EmpiricalFisherOperator,
+    GGNOperator,
+    MCFisherOperator,
+    _AbstractScalable,
+)
 from ._priors import PriorPrecision
 from ._queries import register_symmetric_psd
 
@@ -116,9 +122,13 @@ def _factors(curvature, structure: _layers.Structure, single: _PerDatum):
                 a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], -1)
             a = a * weights[:, None, None].astype(a.dtype)
             input_sums.append(_gram(a.reshape(-1, layer.size)))
-            g = g.reshape(-1, *layer.output_shape)
-            g = jax.vmap(lambda y, c=layer.output_chain: _layers.apply_chain(c, y))(g)
-            gradient_sums.append(_gram(g.reshape(-1, layer.d_out)))
+            # (K, n, R, D_out), contracted over (K, n, R) without a reshape that
+            # would gather data sharded along n.
+            rows = jax.vmap(
+                jax.vmap(ft.partial(_layers.apply_chain, layer.output_chain))
+            )
+            g = rows(g)
+            gradient_sums.append(jnp.einsum("knrd,knre->de", g, g, precision=_HIGHEST))
         squares = tuple(jnp.sum(jnp.square(g), axis=(0, 1)) for g in other_grads)
         return tuple(input_sums), tuple(gradient_sums), squares
 
@@ -161,7 +171,7 @@ def _scaled(x: Array, scale: Array) -> Array:
 Kind = Literal["ggn", "mc", "ef"]
 
 
-class KFACOperator(lx.AbstractLinearOperator):
+class KFACOperator(_AbstractScalable):
     r"""Kronecker-factored GGN / Fisher as a symmetric PSD lineax operator.
 
     Block-diagonal over the model's layers, each block `scale A ⊗ G` (see the

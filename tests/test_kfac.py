@@ -277,6 +277,12 @@ def test_inverse_logdet_and_square_root_are_exact(prior):
         np.testing.assert_allclose(root, root.T, atol=1e-12)
 
 
+def test_scaling_keeps_a_kfac_operator():
+    for scaled in (fo.scale(GGN_KFAC, 2.5), 2.5 * GGN_KFAC):
+        assert isinstance(scaled, fo.KFACOperator)
+        np.testing.assert_allclose(scaled.as_matrix(), 2.5 * GGN_KFAC.as_matrix())
+
+
 def test_diagonal_prior_preconditions_cg_on_the_exact_ggn():
     prior = jax.tree_util.tree_map(
         lambda p: 0.5 + jax.random.uniform(jax.random.key(30), p.shape), MLP_PARAMS
@@ -465,6 +471,8 @@ def test_laplace_posterior_uses_the_kronecker_algebra():
     np.testing.assert_allclose(
         posterior.logdet(), np.linalg.slogdet(damped)[1], rtol=1e-10
     )
+    tuned = fo.optimize_prior_precision(op, prior="layerwise")
+    assert tuned.converged
     samples = posterior.sample(jax.random.key(50), 20_000)
     flat = jax.vmap(lambda s: ravel_pytree(s)[0])(samples)
     np.testing.assert_allclose(flat.mean(0), ravel_pytree(MLP_PARAMS)[0], atol=0.05)
