@@ -9,11 +9,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
-from ._operators import (
-    AbstractCurvatureOperator,
-    LinearisedCurvatureOperator,
-    with_scale,
-)
+from ._operators import _AbstractScalable, with_scale
 from ._queries import register_symmetric_psd
 
 
@@ -168,7 +164,7 @@ def scale(
         raise ValueError(f"scalar must be a scalar; got shape {jnp.shape(scalar)}.")
     if not isinstance(scalar, jax.core.Tracer) and np.asarray(scalar) < 0:
         raise ValueError(f"scalar must be non-negative; got {scalar}.")
-    if isinstance(operator, AbstractCurvatureOperator | LinearisedCurvatureOperator):
+    if isinstance(operator, _AbstractScalable):
         return with_scale(operator, scalar)
     return lx.TaggedLinearOperator(
         operator * scalar, (lx.symmetric_tag, lx.positive_semidefinite_tag)
