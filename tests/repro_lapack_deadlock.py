@@ -35,6 +35,16 @@ Variants (``--variant``):
 
 XLA flags are read from the environment as usual, e.g.
 ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``.
+
+Measured on the 2-core development machine (jax/jaxlib 0.10.2, 100 calls of
+601 31x31 matrices each, a run counted as hung when the watchdog fired):
+``vmap`` hung in 4 of 6 runs, with ``--xla_cpu_multi_thread_eigen=false`` in 2
+of 6, with ``JAX_CPU_ENABLE_ASYNC_DISPATCH=false`` in 2 of 5; ``vmap-dependent``
+0 of 4, ``vmap-one`` 0 of 4, ``two-programs`` 0 of 4, ``map`` 0 of 4, ``numpy``
+0 of 3. Neither flag prevents it; only never running two batched calls at once
+does (unbatched decompositions, or numpy for test references), at no cost here:
+``slogdet`` of 601 31x31 matrices took 31.0 ms batched, 26.6 ms by ``lax.map``,
+20.1 ms in numpy.
 """
 
 import argparse
