@@ -262,9 +262,8 @@ def _grid_search(objective: _Objective, log_grid: Float[Array, " K"], progress: 
         return evidence
 
     values = lax.map(evaluate, log_grid)
-    finite = jnp.isfinite(values)
-    values = eqx.error_if(values, ~jnp.any(finite), _NON_FINITE)
-    best = jnp.argmax(jnp.where(finite, values, -jnp.inf))
+    values = eqx.error_if(values, ~jnp.all(jnp.isfinite(values)), _NON_FINITE)
+    best = jnp.argmax(values)
     _, gradient, _ = objective(log_grid[best][None])
     converged = (best > 0) & (best < log_grid.size - 1)
     return log_grid[best][None], values[best], gradient, converged, values
@@ -338,12 +337,16 @@ def _prior_precision(params: PyTree, precisions: Array, prior: str) -> PriorPrec
 def _validation_nll(posterior, data, likelihood) -> Scalar:
     """The mean negative log predictive density of held-out `(inputs, targets)`
     under the posterior's linearised predictive."""
+    inputs, targets = data
+    mean, variance = posterior.predictive(inputs, approximation="none")
+    return _predictive_nll(likelihood, mean, variance, jnp.asarray(targets))
+
+
+@eqx.filter_jit
+def _predictive_nll(likelihood, mean, variance, targets) -> Scalar:
     from ._likelihoods import MSE, BinaryCrossEntropy, CrossEntropy, Gaussian
     from ._posterior import probit
 
-    inputs, targets = data
-    mean, variance = posterior.predictive(inputs, approximation="none")
-    targets = jnp.asarray(targets)
     num_data = mean.shape[0]
     if isinstance(likelihood, CrossEntropy):
         probabilities = probit(mean, variance, link="softmax")
@@ -635,7 +638,9 @@ def _by_validation(curvature, params, grid, validation_data, bar):
             "objective='validation' needs validation_data=(inputs, targets)."
         )
     data = _split(validation_data)
-    likelihood = getattr(curvature, "likelihood", None)
+    likelihood = getattr(curvature, "likelihood", None) or getattr(
+        getattr(curvature, "operator", None), "likelihood", None
+    )
     values = []
     for precision in grid:
         posterior = LaplacePosterior(curvature, precision, params)
@@ -644,13 +649,12 @@ def _by_validation(curvature, params, grid, validation_data, bar):
         if bar is not None:
             _bar_update(value)
     values = jnp.stack(values)
-    finite = np.isfinite(np.asarray(values))
-    if not finite.any():
+    if not np.all(np.isfinite(np.asarray(values))):
         raise ValueError(
-            "the validation negative log-likelihood is not finite at any grid point; "
-            "check the validation data and the params."
+            "the validation negative log-likelihood is not finite at some grid points "
+            f"({np.asarray(values)}); check the validation data and the params."
         )
-    best = int(np.argmin(np.where(finite, np.asarray(values), np.inf)))
+    best = int(np.argmin(np.asarray(values)))
     result = PriorPrecisionResult(
         PriorPrecision(params, grid[best]),
         values[best],
