@@ -532,8 +532,12 @@ class EmpiricalFisherOperator(AbstractCurvatureOperator):
     **Arguments:**
 
     - `model_fn`: `model_fn(input, params) -> output`. With `vmap_over_data=True`
-      it sees one datum and returns `(O,)`; with `False` it sees the batch
-      `(N, ...)` and returns `(N, O)` (a single unbatched datum is also accepted).
+      it sees one datum and returns `(O,)` (or a scalar); with `False` it sees
+      the batch `(N, ...)` and returns `(N, O)` (or `(N,)`). The number of data
+      points always comes from the data: with `False`, the data is one unbatched
+      datum unless the outputs' leading axis is the inputs' and every target has
+      a leading axis (for one datum whose input length equals its output length,
+      add a batch axis of 1).
     - `params`: a pytree of floating arrays, the point of linearisation.
     - `data`: `{"input": X, "target": Y}` or `(X, Y)`; axis 0 indexes data points.
     - `loss_fn`: `"mse"`, `"cross_entropy"`, `"binary_cross_entropy"`, a per-datum
@@ -584,15 +588,8 @@ class EmpiricalFisherOperator(AbstractCurvatureOperator):
             chunk_size,
             loss_grad_fn,
         )
-        self.model_fn = setup.model_fn
-        self.params = setup.params
-        self.data = setup.data
-        self.scale = setup.scale
-        self.num_data = setup.num_data
-        self.likelihood = setup.likelihood
+        setup.fill(self)
         self.loss_grad_fn = setup.loss_grad_fn
-        self.vmap_over_data = vmap_over_data
-        self.chunk_size = setup.chunk_size
 
     def _likelihood_factors(self, outputs, targets, indices):
         del indices
@@ -669,16 +666,9 @@ class MCFisherOperator(AbstractCurvatureOperator):
             chunk_size,
             key=key,
         )
-        self.model_fn = setup.model_fn
-        self.params = setup.params
-        self.data = setup.data
-        self.scale = setup.scale
-        self.num_data = setup.num_data
-        self.likelihood = setup.likelihood
+        setup.fill(self)
         self.key = key
         self.first_index = jnp.asarray(first_index, dtype=int)
-        self.vmap_over_data = vmap_over_data
-        self.chunk_size = setup.chunk_size
         self.mc_samples = int(mc_samples)
 
     def _likelihood_factors(self, outputs, targets, indices):
@@ -747,14 +737,7 @@ class GGNOperator(AbstractCurvatureOperator):
             vmap_over_data,
             chunk_size,
         )
-        self.model_fn = setup.model_fn
-        self.params = setup.params
-        self.data = setup.data
-        self.scale = setup.scale
-        self.num_data = setup.num_data
-        self.likelihood = setup.likelihood
-        self.vmap_over_data = vmap_over_data
-        self.chunk_size = setup.chunk_size
+        setup.fill(self)
 
     def _likelihood_factors(self, outputs, targets, indices):
         return self._state_factors(self._output_state(outputs, targets, indices))
