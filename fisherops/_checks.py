@@ -126,9 +126,9 @@ def _check_finite(name: str, tree: PyTree) -> None:
             continue
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             continue
-        finite = np.isfinite(np.asarray(leaf))
-        if not bool(np.all(finite)):
-            count = int(np.size(finite) - np.sum(finite))
+        with jax.ensure_compile_time_eval():  # on the device, even inside a trace
+            count = int(jnp.sum(~jnp.isfinite(leaf)))
+        if count:
             raise ValueError(
                 f"{name}{jtu.keystr(path)} must be finite; got {count} NaN or inf "
                 f"value{'s' if count > 1 else ''}."
@@ -246,7 +246,25 @@ class _Setup(eqx.Module):
     num_data: int
     likelihood: AbstractLikelihood | None
     loss_grad_fn: Callable | None
+    vmap_over_data: bool
     chunk_size: int | None
+
+    def fill(self, operator) -> None:
+        """Set the fields every curvature operator has (called in its `__init__`)."""
+        for name in _SHARED_FIELDS:
+            setattr(operator, name, getattr(self, name))
+
+
+_SHARED_FIELDS = (
+    "model_fn",
+    "params",
+    "data",
+    "scale",
+    "num_data",
+    "likelihood",
+    "vmap_over_data",
+    "chunk_size",
+)
 
 
 def _setup(
@@ -266,7 +284,9 @@ def _setup(
     Params and data become JAX arrays (numpy arrays are copied); a single
     unbatched datum (`vmap_over_data=False`) becomes a batch of one; callables
     that close over traced arrays are closure-converted; the targets are checked
-    by the likelihood (values too, where concrete).
+    by the likelihood (values too, where concrete). `num_curv_samples` and
+    `num_total_samples` only set `scale = num_total_samples / num_curv_samples`
+    (as in laplax): neither is compared with the number of data points given.
     """
     if not callable(model_fn):
         raise TypeError(
@@ -324,13 +344,6 @@ def _setup(
         )
     _check_count("num_curv_samples", num_curv_samples)
     _check_count("num_total_samples", num_total_samples)
-    if _is_concrete(num_curv_samples) and float(num_curv_samples) > num_data:
-        raise ValueError(
-            "num_curv_samples must be at most the number of data points given "
-            f"({num_data}): it is the number the curvature is a sum over; got "
-            f"{num_curv_samples!r}. To scale up to a larger data set, set "
-            "num_total_samples."
-        )
     num_curv = num_data if num_curv_samples is None else num_curv_samples
     num_total = num_curv if num_total_samples is None else num_total_samples
     dtype = _core.scale_dtype(params)
@@ -343,12 +356,9 @@ def _setup(
         num_data,
         likelihood,
         loss_grad_fn,
+        vmap_over_data,
         chunk_size,
     )
-
-
-def _is_concrete(value) -> bool:
-    return value is not None and not isinstance(value, jax.core.Tracer)
 
 
 def empirical_likelihood(loss_fn, loss_grad_fn) -> AbstractLikelihood | None:

@@ -360,14 +360,6 @@ def test_num_total_samples(value, expected):
         build("ggn", make_data("vector"), "mse", num_total_samples=value)
 
 
-def test_num_curv_samples_above_the_data_size_is_refused():
-    with raises(
-        "num_curv_samples must be at most the number of data points given (5): it is "
-        "the number the curvature is a sum over; got 6. To scale up"
-    ):
-        build("empirical", make_data("vector"), "mse", num_curv_samples=6)
-
-
 @pytest.mark.parametrize(
     "chunk_size", [np.int64(2), jnp.array(2), np.array(2, np.int32)], ids=str
 )
