@@ -421,7 +421,7 @@ def optimize_prior_precision(
       matrix computed once; `eigh` where the Cholesky breaks down) or, with
       `"slq"`, the fixed probes' estimate (layerwise only: a per-param estimate
       is too noisy).
-    - A [`fisherops.KFACOperator`][] curvature with a scalar or layerwise prior
+    - A `fisherops.KFACOperator` curvature with a scalar or layerwise prior
       uses its exact Kronecker log-determinant for every step.
     - `grid`: instead of the fixed point, the best `λ` of `grid` (scalar only);
       each grid point costs `O(P)` after the decomposition.

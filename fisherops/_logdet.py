@@ -9,7 +9,7 @@ precision `Λ = diag(d)`, `d > 0`.
 - `"slq"`: stochastic Lanczos quadrature, without a `P x P` matrix.
 - `"auto"`: `"dense"` up to 8192 params, falling back to `"eigh"` where the
   Cholesky breaks down; `"slq"` above.
-- A [`fisherops.KFACOperator`][] uses its exact Kronecker log-determinant whenever
+- A `fisherops.KFACOperator` uses its exact Kronecker log-determinant whenever
   the prior is constant within its blocks (scalar and layerwise priors).
 
 Every method is differentiable in `d` and in the curvature's arrays: the dense
@@ -440,7 +440,7 @@ def logdet(
     - `prior_precision`: `Λ`, a [`fisherops.PriorPrecision`][] on the same params;
       every entry must be positive (a zero gives `-inf`, which is an error).
     - `logdet_method`: `"auto"`, `"dense"`, `"eigh"` or `"slq"` (see the module
-      docstring). A [`fisherops.KFACOperator`][] with a scalar or layerwise prior
+      docstring). A `fisherops.KFACOperator` with a scalar or layerwise prior
       uses its exact Kronecker log-determinant whatever the method.
     - `key`: the SLQ probes' key (default `jax.random.key(0)`); probe `s` is
       `rademacher(fold_in(key, s))`, so a fixed key gives a deterministic,
