@@ -24,6 +24,7 @@ medians, and ratios to `grad`, the gradient of the summed loss over the batch.
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -96,13 +97,29 @@ def functions(problem: Problem, prior: float):
     return {name: jax.jit(fn) for name, fn in timed.items()}
 
 
-def cg_steps(problem: Problem, prior: float, params, inputs, targets, key):
-    """The CG steps of one sample's solve: `(C + λI) z = sqrt(λ) e_1 + A e_2`."""
+def _cg(dtype, size: int) -> lx.CG:
+    """The posterior's default CG: `rtol = atol = sqrt(eps)`, the residual by the
+    recurrence only, at most `min(10 P, 5000)` steps."""
+    tolerance = float(np.sqrt(np.finfo(dtype).eps))
+    return lx.CG(
+        rtol=tolerance,
+        atol=tolerance,
+        stabilise_every=None,
+        max_steps=min(10 * size, 5000),
+    )
+
+
+def _solver(model_fn, loss: str, prior: float, jacobi: bool):
+    """`(params, inputs, targets, key) -> (steps, relative residual)` of one
+    sample's solve `(C + λI) z = sqrt(λ) e_1 + A e_2` (GGN `C`), plain CG or
+    CG preconditioned by `diag(C + λI)^{-1}` (the exact diagonal, its cost
+    included)."""
 
     @jax.jit
-    def steps(params, inputs, targets, key):
-        laplace = posterior(problem, params, inputs, targets, prior)
-        curvature = lx.linearise(laplace.curvature)
+    def solve(params, inputs, targets, key):
+        ggn = fisherops.GGNOperator(model_fn, params, (inputs, targets), loss)
+        curvature = lx.linearise(ggn)
+        precision = curvature + fisherops.PriorPrecision(params, prior)
         key_prior, key_curvature = jax.random.split(key)
         flat, unravel = jax.flatten_util.ravel_pytree(params)
         noise = jax.random.normal(key_prior, flat.shape, flat.dtype)
@@ -114,13 +131,107 @@ def cg_steps(problem: Problem, prior: float, params, inputs, targets, key):
             unravel(noise),
             curvature.sqrt_mv(coefficients),
         )
-        tolerance = float(np.sqrt(np.finfo(flat.dtype).eps))
+        options = {}
+        if jacobi:
+            diagonal = ggn.diagonal() + prior
+            options["preconditioner"] = fisherops.PriorPrecision(
+                params, unravel(1 / diagonal)
+            )
         solution = lx.linear_solve(
-            curvature + laplace.prior, rhs, lx.CG(rtol=tolerance, atol=tolerance)
+            precision,
+            rhs,
+            _cg(flat.dtype, flat.size),
+            options=options,
+            throw=False,
         )
-        return solution.stats["num_steps"]
+        flat_rhs = jax.flatten_util.ravel_pytree(rhs)[0]
+        residual = (
+            flat_rhs - jax.flatten_util.ravel_pytree(precision.mv(solution.value))[0]
+        )
+        return (
+            solution.stats["num_steps"],
+            jnp.linalg.norm(residual) / jnp.linalg.norm(flat_rhs),
+        )
 
-    return int(steps(params, inputs, targets, key))
+    return solve
+
+
+def cg_steps(problem: Problem, prior: float, params, inputs, targets, key):
+    """The CG steps of one sample's solve: `(C + λI) z = sqrt(λ) e_1 + A e_2`."""
+    solve = _solver(problem.model_fn, problem.loss, prior, jacobi=False)
+    return int(solve(params, inputs, targets, key)[0])
+
+
+def pcg_rows(name, model_fn, params, inputs, targets, loss, prior, repeats):
+    """Plain CG against Jacobi-preconditioned CG on one problem: steps, time,
+    and how much the diagonal of `C + λI` varies."""
+    key = jax.random.key(1)
+    args = (params, inputs, targets, key)
+    ggn = fisherops.GGNOperator(model_fn, params, (inputs, targets), loss)
+    diagonal = np.asarray(ggn.diagonal()) + prior
+    spread = float(diagonal.max() / diagonal.min())
+    result = {}
+    for label, jacobi in (("CG", False), ("Jacobi PCG", True)):
+        solve = _solver(model_fn, loss, prior, jacobi)
+        steps, residual = solve(*args)
+        seconds = median_seconds(solve, args, repeats)
+        result[label] = (int(steps), float(residual), seconds)
+    (cg, cg_res, cg_s), (pcg, pcg_res, pcg_s) = result["CG"], result["Jacobi PCG"]
+    size = sum(leaf.size for leaf in jax.tree.leaves(params))
+    print(
+        f"  {name:<34} P={size:<6} λ={prior:<5g} diag spread {spread:9.3g}  "
+        f"CG {cg:5d} steps {cg_s:7.2f} s (res {cg_res:.1e})  "
+        f"PCG {pcg:5d} steps {pcg_s:7.2f} s (res {pcg_res:.1e})  [load {load()}]"
+    )
+    return (
+        f"| {name} | {size} | {prior:g} | {spread:.3g} | {cg} | {pcg} "
+        f"| {cg_s:.2f} | {pcg_s:.2f} | {cg_res:.1e} / {pcg_res:.1e} |"
+    )
+
+
+def load() -> str:
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def pcg_table(repeats: int, priors, big: bool) -> list[str]:
+    """Issue 9.5: CG steps with and without the Jacobi preconditioner on the
+    benchmark problems (random init) and the workflow's trained digits models."""
+    import bench_workflow
+
+    print("\n== CG vs Jacobi-preconditioned CG (GGN + λI, float32, one sample's solve)")
+    problems = []
+    names = ["mlp-small-ce"] + (["cnn-ce", "mlp-ce"] if big else [])
+    for name in names:
+        problem = make_problem(name, 256 if name.startswith("cnn") else 512)
+        problems.append(
+            (
+                f"{problem.name}, random init",
+                problem.model_fn,
+                problem.params,
+                problem.inputs,
+                problem.targets,
+                problem.loss,
+            )
+        )
+    (x_train, y_train), _ = bench_workflow.digits()
+    for model in bench_workflow.MODELS:
+        model_fn, params, _ = bench_workflow.train(model, x_train, y_train, 60)
+        inputs = jnp.asarray(bench_workflow.jax_inputs(model, x_train))
+        problems.append(
+            (
+                f"digits {model} N={len(y_train)}, trained",
+                model_fn,
+                params,
+                inputs,
+                jnp.asarray(y_train),
+                "cross_entropy",
+            )
+        )
+    rows = []
+    for problem in problems:
+        for prior in priors:
+            rows.append(pcg_rows(*problem, prior, repeats))
+    return rows
 
 
 def exact_logdet(problem: Problem, prior: float, params, inputs, targets) -> float:
@@ -168,12 +279,35 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--prior", type=float, default=1.0)
     parser.add_argument("--num-data", type=int, default=512)
+    parser.add_argument(
+        "--pcg",
+        action="store_true",
+        help="only the CG vs Jacobi-preconditioned CG table (issue 9.5)",
+    )
+    parser.add_argument(
+        "--pcg-priors", default="1,0.01", help="prior precisions of the PCG table"
+    )
+    parser.add_argument(
+        "--pcg-big",
+        action="store_true",
+        help="add the 28x28 CNN (P = 9098) and the P = 76810 MLP to it",
+    )
     options = parser.parse_args()
     repeats = options.repeats or (1 if options.quick else 5)
     print(f"fisherops Laplace benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, ", end="")
     print(f"device {jax.devices()[0].device_kind}, {platform.processor() or ''}")
-    print(f"median of {repeats} calls; ratios to `grad`\n")
+    print(f"median of {repeats} calls; ratios to `grad`; load average {load()}\n")
+    if options.pcg:
+        priors = [float(p) for p in options.pcg_priors.split(",")]
+        rows = pcg_table(repeats, priors, options.pcg_big)
+        print(
+            "\n| problem | P | λ | max/min diag(C + λI) | CG steps | PCG steps "
+            "| CG s | PCG s | relative residual CG / PCG |"
+        )
+        print("|---" * 9 + "|")
+        print("\n".join(rows))
+        return
     rows = []
     for name in ("mlp-small-ce", "mlp-ce"):
         rows += run(name, options.num_data, options.prior, repeats)

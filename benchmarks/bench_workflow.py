@@ -203,8 +203,8 @@ def fisherops_steps(model: str, curvature: str, model_fn, params, train_data):
     computes nothing); `optimize_prior_precision` takes the dense matrix's
     spectrum (`as_matrix` and `eigh`, at P <= 8192); the posterior at the tuned
     prior is `factorise()`d (`as_matrix` again and a Cholesky), and predictive,
-    samples and evidence reuse that factor. KFAC uses its Kronecker factors
-    throughout (no dense matrix). Everything version-specific about the
+    samples and evidence reuse that factor. KFAC (`decompose()`d in `build`) uses
+    its Kronecker factors' eigendecompositions throughout (no dense matrix). Everything version-specific about the
     fisherops API is in this function.
     """
     import equinox as eqx
@@ -236,7 +236,10 @@ def fisherops_steps(model: str, curvature: str, model_fn, params, train_data):
                 model_fn, params, data, "cross_entropy"
             )
         else:
-            op = fisherops.KFACOperator(model_fn, params, data, "cross_entropy")
+            # The factors and their eigendecompositions, once for every prior.
+            op = fisherops.KFACOperator(
+                model_fn, params, data, "cross_entropy"
+            ).decompose()
         return op, log_likelihood(params, inputs, targets)
 
     def tune(state):
