@@ -204,8 +204,8 @@ def fisherops_steps(model: str, curvature: str, model_fn, params, train_data):
     spectrum (`as_matrix` and `eigh`, at P <= 8192); the posterior at the tuned
     prior is `factorise()`d (`as_matrix` again and a Cholesky), and predictive,
     samples and evidence reuse that factor. KFAC (`decompose()`d in `build`) uses
-    its Kronecker factors' eigendecompositions throughout (no dense matrix). Everything version-specific about the
-    fisherops API is in this function.
+    its Kronecker factors' eigendecompositions throughout (no dense matrix).
+    Everything version-specific about the fisherops API is in this function.
     """
     import equinox as eqx
     import jax
