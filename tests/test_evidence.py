@@ -220,6 +220,12 @@ def test_layerwise_prior_tuning_is_a_stationary_point():
     assert np.max(np.abs(gradient)) < 1e-5
     assert_close(result.gradient, gradient, atol=1e-6)
     assert float(result.objective) > float(tuned("scalar").objective)
+    # A posterior gives its curvature, params and prior precision (the start).
+    posterior = fo.LaplacePosterior(curvature("ggn")[0], 1.0, mean)
+    from_posterior = fo.optimize_prior_precision(
+        posterior, log_likelihood=LOG_LIKELIHOOD, prior="layerwise"
+    )
+    assert_close(layerwise_found(from_posterior), precisions, rtol=1e-12)
 
 
 def test_slq_prior_tuning_is_near_the_dense_optimum():
