@@ -122,7 +122,6 @@ def test_solve_every_way():
     ways = {
         "auto (CG)": posterior.solve(vector),
         "cg, jacobi": posterior.solve(vector, preconditioner="jacobi"),
-        "dense": posterior.solve(vector, solve_method="dense"),
         "factorised": factorised.solve(vector),
         "lineax Cholesky": posterior.solve(vector, solver=lx.Cholesky()),
     }
@@ -483,7 +482,10 @@ def test_a_failed_solve_raises_never_zeros_or_the_mean():
 
     operator, _ = curvature("ggn")
     posterior = fo.LaplacePosterior(operator, SCALAR_PRIOR)
-    with pytest.raises(RuntimeError, match="did not converge in 2 steps"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"did not converge \(stopped after 2 steps, relative residual",
+    ):
         posterior.solve(vector, solver=lx.CG(rtol=1e-12, atol=1e-12, max_steps=2))
 
 
