@@ -646,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["MAP"]["prior_precision"] = train_prior
     results["MAP"]["prior_tuning"] = "training"
 
-    grid = np.logspace(-1, 4, 6)
+    grid = np.logspace(-1, 3, 5)
     validated = {}
     for name, curvature in curvatures(params, train, key_mc).items():
         with _timer(timings, f"Laplace {name}: tune prior"):

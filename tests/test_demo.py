@@ -1,6 +1,8 @@
 """The demo's pieces: metrics, data sets, the JSON layout, the plots, and what it
-says when a dependency is missing. (The demo itself runs in CI's smoke step,
-`python -m fisherops.demo`; a full run takes about a minute.)"""
+says when a dependency is missing; and one end-to-end run of `main` on the cheap
+last-layer curvature only (the full demo takes about two minutes of CPU time)."""
+
+import json
 
 import numpy as np
 import pytest
@@ -151,6 +153,28 @@ def test_plots_write_pngs(tmp_path):
     path = tmp_path / "demo.png"
     demo.plot_results(results, all_probs, labelled["test"][1], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_end_to_end_on_the_last_layer(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    full = demo.curvatures
+    monkeypatch.setattr(
+        demo,
+        "curvatures",
+        lambda *args: {"GGN": full(*args)["GGN last layer"]},
+    )
+    path = tmp_path / "demo.json"
+    argv = ["--epochs", "3", "--no-progress", "--json", str(path)]
+    assert demo.main([*argv, "--out", str(tmp_path / "demo.png")]) == 0
+    assert "Laplace GGN better than MAP" in capsys.readouterr().out
+    setups = json.loads(path.read_text())["setups"]
+    assert set(setups) == {"MAP", "Laplace GGN", "Laplace GGN (validation λ)"}
+    for result in setups.values():
+        assert set(result["rotated"]) == {"15", "30", "45", "60"}
+        assert set(result["ood_auroc"]) == {"noise", "inverted", "blurred"}
+        assert 0 <= result["test"]["ece"] <= 1 and result["prior_precision"] > 0
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_without_scikit_learn_says_how_to_install(monkeypatch, capsys):
