@@ -169,9 +169,9 @@ def model_fn(x, params):
 def dense_solve(sigma):
     """`sum(solve(J^T J / sigma^2 + I, 1))` built the obvious way."""
     flat, unravel = jax.flatten_util.ravel_pytree(PARAMS)
-    jacobians = jax.vmap(
-        lambda x: jax.jacfwd(lambda v: model_fn(x, unravel(v)))(flat)
-    )(INPUTS)
+    jacobians = jax.vmap(lambda x: jax.jacfwd(lambda v: model_fn(x, unravel(v)))(flat))(
+        INPUTS
+    )
     ggn = jnp.einsum("nop,noq->pq", jacobians, jacobians) / sigma**2
     return jnp.sum(jnp.linalg.solve(ggn + jnp.eye(flat.size), jnp.ones(flat.size)))
 
@@ -191,7 +191,9 @@ def test_gradient_through_solve_wrt_noise(kind, solver):
 
     def solve(sigma):
         if kind == "gaussian":
-            ggn = fo.GGNOperator(model_fn, PARAMS, (INPUTS, TARGETS), fo.Gaussian(sigma))
+            ggn = fo.GGNOperator(
+                model_fn, PARAMS, (INPUTS, TARGETS), fo.Gaussian(sigma)
+            )
         elif kind == "closure":
             likelihood = closure_likelihood(sigma)
             ggn = fo.GGNOperator(model_fn, PARAMS, (INPUTS, TARGETS), likelihood)
