@@ -201,7 +201,6 @@ class Structure:
     layers: tuple[Layer, ...]
     other: tuple[int, ...]  # params leaf indices in no layer
     num_leaves: int
-    num_inputs: int
 
 
 def _dense_layer(eqn, index, weight_side, leaf, chain) -> Layer | None:
@@ -293,12 +292,8 @@ def _conv_layer(eqn, index, leaf, chain) -> Layer | None:
     )
 
 
-def discover(jaxpr, num_leaves: int, leaf_shapes: list[tuple[int, ...]]) -> tuple:
-    """All candidate layers of a flat jaxpr, and the params leaves in none.
-
-    Returns `(layers, leaf_is_layer)`: the layers (with their bias when found) and
-    for each leaf whether it belongs to one.
-    """
+def discover(jaxpr, num_leaves: int, leaf_shapes: list[tuple[int, ...]]) -> list[Layer]:
+    """Every layer of a flat jaxpr (with its bias when there is one), in order."""
     jaxpr = jaxpr.jaxpr
     invars = jaxpr.invars
     # origin[var] = (leaf, steps, broadcast?) for vars that are a params leaf moved.
@@ -467,7 +462,6 @@ def structure(
         layers=tuple(found),
         other=rest,
         num_leaves=num_leaves,
-        num_inputs=len(jaxpr.jaxpr.invars) - num_leaves,
     )
 
 
