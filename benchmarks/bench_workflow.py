@@ -585,6 +585,10 @@ def main():
     parser.add_argument(
         "--torch-only", action="store_true", help="skip the fisherops side"
     )
+    parser.add_argument("--save-fisherops", help="write fisherops' results (JSON)")
+    parser.add_argument(
+        "--load-fisherops", help="read fisherops' results instead of running it"
+    )
     parser.add_argument(
         "--load-torch", help="read laplace-torch's results instead of running it"
     )
@@ -634,12 +638,16 @@ def main():
 
     (x_train, y_train), (x_test, y_test) = digits()
     rows = []
-    saved = {}
-    loaded = {}
+    saved, saved_ours = {}, {}
+    loaded, loaded_ours = {}, {}
     if options.load_torch:
         with open(options.load_torch) as file:
             loaded = json.load(file)
         print(f"laplace-torch's results read from {options.load_torch}")
+    if options.load_fisherops:
+        with open(options.load_fisherops) as file:
+            loaded_ours = json.load(file)
+        print(f"fisherops' results read from {options.load_fisherops}")
     with tempfile.TemporaryDirectory() as folder:
         for model in options.models.split(","):
             model_fn, params, accuracy = train(model, x_train, y_train, options.epochs)
@@ -665,8 +673,14 @@ def main():
                 )
             for curvature in curvatures:
                 ours = None
-                if not options.torch_only:
+                if f"{model}:{curvature}" in loaded_ours:
+                    ours = loaded_ours[f"{model}:{curvature}"]
+                elif not options.torch_only:
                     ours = fisherops_in_subprocess(model, curvature, weights, repeats)
+                    saved_ours[f"{model}:{curvature}"] = ours
+                    if options.save_fisherops:
+                        with open(options.save_fisherops, "w") as file:
+                            json.dump(saved_ours, file)
                 theirs = None
                 if f"{model}:{curvature}" in loaded:
                     theirs = loaded[f"{model}:{curvature}"]
