@@ -360,14 +360,10 @@ class CrossEntropy(AbstractLikelihood):
                 f"loss {name!r} needs {expected}; got bool targets of shape "
                 f"{targets.shape} (cast class labels to int)."
             )
-        if jnp.issubdtype(targets.dtype, jnp.integer):
-            if targets.shape == (num, 1):
-                targets = targets[:, 0]
-            if targets.shape != (num,):
-                raise ValueError(
-                    f"loss {name!r} needs {expected}; got integer targets of shape "
-                    f"{targets.shape}."
-                )
+        integer = jnp.issubdtype(targets.dtype, jnp.integer)
+        if integer and targets.shape == (num, 1) and num_classes != 1:
+            targets = targets[:, 0]
+        if integer and targets.shape == (num,):
             labels = _concrete(targets)
             if (
                 labels is not None
@@ -385,7 +381,7 @@ class CrossEntropy(AbstractLikelihood):
                 f"shape {targets.shape}"
                 + (
                     " (cast class labels to int)."
-                    if targets.shape in ((num,), (num, 1))
+                    if targets.shape in ((num,), (num, 1)) and not integer
                     else "."
                 )
             )

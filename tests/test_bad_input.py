@@ -288,6 +288,15 @@ def test_bool_labels_are_reported_as_bool():
         build("ggn", data, "cross_entropy")
 
 
+def test_integer_one_hot_targets_are_probability_vectors():
+    one_hot = make_targets("one_hot")
+    as_int = build(
+        "empirical", (make_inputs(), one_hot.astype(jnp.int32)), "cross_entropy"
+    )
+    as_float = build("empirical", (make_inputs(), one_hot), "cross_entropy")
+    np.testing.assert_allclose(as_int.as_matrix(), as_float.as_matrix())
+
+
 def test_soft_targets_must_sum_to_one():
     soft = make_targets("soft")
     build("ggn", (make_inputs(), soft), "cross_entropy")
