@@ -258,8 +258,11 @@ def gaussian_likelihood(with_grad=False):
     )
 
 
-@pytest.mark.parametrize("vmap_over_data", [True, False], ids=["vmap", "batched"])
-@pytest.mark.parametrize("with_grad", [False, True], ids=["autodiff", "output_grad"])
+@pytest.mark.parametrize(
+    ("with_grad", "vmap_over_data"),
+    [(False, True), (True, True), (False, False)],
+    ids=["autodiff-vmap", "output_grad-vmap", "autodiff-batched"],
+)
 def test_gaussian_likelihood(with_grad, vmap_over_data):
     likelihood = gaussian_likelihood(with_grad)
     assert isinstance(likelihood, fo.AbstractLikelihood)
@@ -327,7 +330,7 @@ def test_likelihood_with_scalar_targets_and_thin_hessian_sqrt(vmap_over_data):
 
     mc = fo.MCFisherOperator(mlp, params, data, likelihood, KEY, mc_samples=3, **kwargs)
     reference = fo.MCFisherOperator(mlp, params, data, likelihood, KEY, mc_samples=3)
-    check_operator(mc, reference.as_matrix(), params)
+    check_operator(mc, reference.as_matrix(), params, full=False)
 
 
 def test_scalar_target_likelihood_mc_is_unbiased():
