@@ -1,6 +1,6 @@
 """The demo's pieces: metrics, data sets, the JSON layout, the plots, and what it
 says when a dependency is missing; and one end-to-end run of `main` on the cheap
-last-layer curvature only (the full demo takes about two minutes of CPU time)."""
+last-layer curvature only (the full demo takes about 85 s of CPU time)."""
 
 import json
 
