@@ -277,6 +277,22 @@ class KFACOperator(_AbstractScalable):
         self.vmap_over_data = vmap_over_data
         self.structure = structure
 
+    def __repr__(self) -> str:
+        scale = self.scale
+        if not isinstance(scale, jax.core.Tracer):
+            scale = float(np.asarray(scale))
+        blocks = ", ".join(
+            f"{layer.kind} ({layer.d_in}{' + 1' if layer.bias is not None else ''}) "
+            f"x {layer.d_out}"
+            for layer in self.structure.layers
+        )
+        return (
+            f"KFACOperator(kind={self.kind!r}, scale={scale}, "
+            f"num_data={self.num_data}, layers=[{blocks}], "
+            f"other_leaves={len(self.structure.other)}, "
+            f"decomposed={self.eigendecompositions is not None})"
+        )
+
     @property
     def layers(self) -> PyTree[int | None]:
         """Params-shaped labels: the layer index of each leaf, `None` if in none."""

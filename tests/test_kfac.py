@@ -284,6 +284,8 @@ def test_scaling_keeps_a_kfac_operator():
     for scaled in (fo.scale(GGN_KFAC, 2.5), 2.5 * GGN_KFAC):
         assert isinstance(scaled, fo.KFACOperator)
         np.testing.assert_allclose(scaled.as_matrix(), 2.5 * GGN_KFAC.as_matrix())
+        assert "scale=2.5" in repr(scaled)
+        assert "layers=[dense (3 + 1) x 5, dense (5 + 1) x 4]" in repr(scaled)
 
 
 def test_diagonal_prior_preconditions_cg_on_the_exact_ggn():
