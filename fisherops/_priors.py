@@ -9,6 +9,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
+from ._checks import _check_params
 from ._operators import _AbstractScalable, with_scale
 from ._queries import register_symmetric_psd
 
@@ -67,12 +68,7 @@ class PriorPrecision(lx.AbstractLinearOperator):
     _treedef: jtu.PyTreeDef = eqx.field(static=True)
 
     def __init__(self, params: PyTree[Float[ArrayLike, "..."]], precision):
-        params = jtu.tree_map(jnp.asarray, params)
-        for leaf in jtu.tree_leaves(params):
-            if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                raise TypeError(
-                    f"params must be a pytree of floating arrays; got {leaf.dtype}."
-                )
+        params = _check_params(params)
         self.precision = _broadcast_precision(params, precision)
         structure = jtu.tree_map(
             lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params
