@@ -39,7 +39,10 @@ def create_empirical_fisher_mv(
 ) -> Callable[[Params], Params]:
     r"""`v ↦ (num_total_samples / num_curv_samples) Σ_n J_n^T g_n g_n^T J_n v`.
 
-    The `mv` of [`fisherops.EmpiricalFisherOperator`][] (same arguments).
+    The `mv` of [`fisherops.EmpiricalFisherOperator`][] (same arguments). As in
+    laplax, `num_curv_samples` and `num_total_samples` only set the scale; neither
+    is compared with the number of data points given. The returned function is
+    compiled once: calling it again with new vectors compiles nothing.
     """
     operator = EmpiricalFisherOperator(
         model_fn,
@@ -119,7 +122,8 @@ def create_MC_fisher_mv(
 ) -> Callable[[Params], Params]:
     r"""`v ↦ factor / M Σ_{n,m} J_n^T g_nm g_nm^T J_n v`, `ỹ_nm ~ r(y | f_n)`.
 
-    The `mv` of [`fisherops.MCFisherOperator`][] (same arguments).
+    The `mv` of [`fisherops.MCFisherOperator`][] (same arguments);
+    `mc_samples=None` means one sample per datum, as in laplax.
     """
     operator = MCFisherOperator(
         model_fn,
