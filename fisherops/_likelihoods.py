@@ -576,6 +576,9 @@ def with_traced_closures(
     """
     if not isinstance(likelihood, Likelihood):
         return likelihood
+    if key is not None and likelihood.sample_fn is not None:
+        # The Monte-Carlo Fisher calls the loss on its draws, not on the data.
+        target = jax.eval_shape(likelihood.sample_fn, key, output)
     examples = {
         "loss_fn": (output, target),
         "output_grad_fn": (output, target),
