@@ -100,5 +100,9 @@ def test_chunk_size_that_would_gather_sharded_data_is_refused(chunk_size):
 
 
 def test_shard_data_refuses_a_data_axis_it_cannot_split():
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"data\[0\] must have a leading data axis whose length is a multiple of "
+        r"8 \(the shards along 'data'\); got shape \(60, 3\)\.",
+    ):
         fo.shard_data((DATA[0][:60], DATA[1][:60]))

@@ -248,7 +248,9 @@ def test_flax_nnx_solve_and_gradient_under_jit():
 
 def test_from_flax_nnx_rejects_other_objects():
     pytest.importorskip("flax.nnx", reason="flax is not installed")
-    with pytest.raises(TypeError, match="flax.nnx.Module"):
+    with pytest.raises(
+        TypeError, match=r"from_flax_nnx needs a flax\.nnx\.Module; got function\."
+    ):
         fo.from_flax_nnx(plain_mlp)
 
 
