@@ -56,13 +56,25 @@ def dense_default(kind, loss, target_kind):
     return dense(kind, PARAMS, make_data(target_kind), loss)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 2], ids=["unchunked", "chunk2"])
+CHUNKED_CASES = [
+    ("mse", "vector"),
+    ("cross_entropy", "labels"),
+    ("binary_cross_entropy", "binary"),
+]
+
+
+@pytest.mark.parametrize(
+    ("loss", "target_kind", "chunk_size"),
+    [(*case, None) for case in LOSS_TARGETS] + [(*case, 2) for case in CHUNKED_CASES],
+    ids=[f"{i}-unchunked" for i in LOSS_TARGET_IDS]
+    + [f"{loss}-{kind}-chunk2" for loss, kind in CHUNKED_CASES],
+)
 @pytest.mark.parametrize("vmap_over_data", [True, False], ids=["vmap", "batched"])
-@pytest.mark.parametrize(("loss", "target_kind"), LOSS_TARGETS, ids=LOSS_TARGET_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_dense(kind, loss, target_kind, vmap_over_data, chunk_size):
-    """Every loss x target layout x mode x chunking (N=5, so chunks of 2 are uneven);
-    every read-off (linearised, diagonal, square root) in each."""
+    """Every loss x target layout x mode, unchunked; every loss x mode in chunks of
+    2 (N=5, so uneven); every read-off (linearised, diagonal, square root) in each.
+    """
     data = make_data(target_kind)
     op = build(
         kind,
