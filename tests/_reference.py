@@ -89,8 +89,12 @@ def batched(fn):
     return wrapped
 
 
+@functools.cache
 def model_for(vmap_over_data):
-    """The MLP, guarded so that it only accepts what the given mode must pass."""
+    """The MLP, guarded so that it only accepts what the given mode must pass.
+
+    One function per mode, so that operators of different tests share their
+    compiled methods."""
     return per_datum(mlp) if vmap_over_data else batched(mlp)
 
 
