@@ -362,15 +362,6 @@ def test_likelihood_closing_over_a_traced_noise_scale():
     [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.float64)],
     ids=["bf16+f32", "f32+f64"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="POSTERIOR (issue 10.7): LaplacePosterior.solve(solve_method='cg') runs "
-    "lineax CG on the mixed-dtype params pytree; lineax 0.1.1 promotes the iterates "
-    "and its identity preconditioner refuses them ('Vector and operator structures "
-    "do not match'). Solve on flat vectors of the promoted dtype, or refuse mixed "
-    "dtypes with a clear error (then change this test to expect it).",
-    raises=ValueError,
-)
 def test_mixed_dtype_params_through_cg(dtypes):
     """Issue 10.7: params with leaves of two dtypes through a CG solve (lineax's
     CG promotes its iterates to the widest dtype). The solution has the params'
