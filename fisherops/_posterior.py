@@ -238,33 +238,53 @@ def _inverse(
 
         return kfac
     precision = lx.linearise(posterior.precision)
+    structure = posterior.curvature.in_structure()
     # The default solver's result must also pass `|b - P x| <= limit |b|`; a
     # solver of the user's is trusted to its own tolerances.
     limit = jnp.inf
     if solver is None:
-        solver = _default_cg(posterior.curvature.in_structure())
-        limit = _RESIDUAL_FACTOR * _tolerance(posterior.curvature.in_structure())
-    options = {}
-    if isinstance(solver, lx.CG):
-        options = _cg_options(posterior, preconditioner)
+        solver = _default_cg(structure)
+        limit = _RESIDUAL_FACTOR * _tolerance(structure)
 
-    def one(b):
-        solution = lx.linear_solve(
-            precision, unravel(b), solver, options=options, throw=False
+    def rows_of(operator, shape, scale=1):
+        """`scale * operator` on each row of an `(m, P)` array: block diagonal."""
+        return lx.FunctionLinearOperator(
+            jax.vmap(lambda row: scale * _ravel(operator.mv(unravel(row)))),
+            jax.ShapeDtypeStruct(shape, _dtype(structure)),
+            (lx.symmetric_tag, lx.positive_semidefinite_tag),
         )
-        x = _ravel(solution.value)
-        residual = jnp.linalg.norm(b - _ravel(precision.mv(solution.value)))
-        relative = residual / jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
-        converged = (solution.result == lx.RESULTS.successful) & (relative <= limit)
-        return x, relative, converged, solution.stats.get("num_steps", 0)
 
-    # One solve after another: vmapped over right-hand sides, lineax's CG with a
-    # prior (or a KFAC preconditioner) holding 0-d arrays stops after a few steps
-    # with a NaN or diverges (an MLP on digits, P = 2410, float32), where the same
-    # solves one at a time converge.
+    # All right-hand sides as ONE system, block diagonal in them: one CG, not
+    # vmapped or scanned over them (lineax's CG under a vmap or a scan stopped
+    # after a step with a NaN on a trained float32 MLP, P = 2410).
+    #
+    # lineax's CG declares a breakdown (alpha = NaN) when `p^T A p <= 100 eps n
+    # r^T M r`, a threshold on the Rayleigh quotient that is absolute, not
+    # relative to `A`: a prior precision below `100 eps n` (float32, n = 2410:
+    # 0.029) trips it. `P` is at least `min Λ` (and `M P` at least
+    # `min Λ / max diag P` with Jacobi), so the system is solved as
+    # `(s P) x = s b` with `s` large enough; the iterates are those of `P x = b`.
     def iterative(rhs):
-        solutions, residuals, converged, steps = lax.map(one, rhs)
-        return solutions, _report(solutions, residuals, converged, steps)
+        prior_diagonal = _ravel(posterior.prior_precision.full_diagonal())
+        options, lower = {}, jnp.min(prior_diagonal)
+        if isinstance(solver, lx.CG):
+            options = _cg_options(posterior, preconditioner)
+            if preconditioner == "jacobi":
+                lower = lower * jnp.min(lx.diagonal(options["preconditioner"]))
+            options = {key: rows_of(value, rhs.shape) for key, value in options.items()}
+        eps = jnp.finfo(rhs.dtype).eps
+        scale = lax.stop_gradient(jnp.maximum(1, 1000 * eps * rhs.size / lower))
+        operator = rows_of(precision, rhs.shape, scale)
+        solution = lx.linear_solve(
+            operator, scale * rhs, solver, options=options, throw=False
+        )
+        solutions = solution.value
+        residuals = jnp.linalg.norm(scale * rhs - operator.mv(solutions), axis=1)
+        norms = jnp.maximum(jnp.linalg.norm(scale * rhs, axis=1), eps)
+        relative = residuals / norms
+        converged = (solution.result == lx.RESULTS.successful) & (relative <= limit)
+        steps = solution.stats.get("num_steps", 0)
+        return solutions, _report(solutions, relative, converged, steps)
 
     return iterative
 
@@ -374,6 +394,10 @@ def _link(link: str, logits: Array) -> Array:
     return jax.nn.sigmoid(logits)
 
 
+def _first(leaf: Array) -> Array:
+    return leaf[0]
+
+
 def _chunked(fn: Callable, inputs: PyTree, chunk_size: int) -> PyTree:
     """`fn` on `chunk_size` inputs at a time (`lax.map`, the last chunk padded
     with copies of the last input), the results concatenated along axis 0."""
@@ -385,7 +409,13 @@ def _chunked(fn: Callable, inputs: PyTree, chunk_size: int) -> PyTree:
         padded = jnp.concatenate([leaf, extra])
         return padded.reshape(num_chunks, chunk_size, *leaf.shape[1:])
 
-    results = lax.map(fn, jtu.tree_map(pad, inputs))
+    padded = jtu.tree_map(pad, inputs)
+    if num_chunks == 1:  # CG must not run inside a scan: see `_inverse`
+        results = jtu.tree_map(
+            lambda leaf: leaf[None], fn(jtu.tree_map(_first, padded))
+        )
+    else:
+        results = lax.map(fn, padded)
     return jtu.tree_map(
         lambda leaf: leaf.reshape(-1, *leaf.shape[2:])[:num_data], results
     )
@@ -891,17 +921,28 @@ class LaplacePosterior(eqx.Module):
             row_bytes *= self.curvature.in_size()
             chunk_size = max(1, _PREDICTIVE_CHUNK_BYTES // row_bytes)
         chunk_size = min(_check_positive_int("chunk_size", chunk_size), num_data)
-        result, report = _predictive_body(
-            self,
-            inputs,
-            approximation,
-            link,
-            key,
-            num_samples,
-            chunk_size,
-            method,
-            solver,
-            preconditioner,
+        arguments = (approximation, link, key, num_samples, chunk_size)
+        arguments += (method, solver, preconditioner)
+        if method != "cg" or approximation == "mc":
+            result, report = _predictive_body(self, inputs, *arguments)
+            return _raise_on_failure("predictive", report, outputs.dtype, result)
+        # CG must not run inside a scan (see `_inverse`): one compiled call per
+        # chunk.
+        pieces = [
+            _predictive_body(
+                self,
+                jtu.tree_map(lambda leaf, s=start: leaf[s : s + chunk_size], inputs),
+                *arguments,
+            )
+            for start in range(0, num_data, chunk_size)
+        ]
+        result = jtu.tree_map(lambda *p: jnp.concatenate(p), *[r for r, _ in pieces])
+        reports = [report for _, report in pieces]
+        report = _Report(
+            jnp.any(jnp.stack([r.non_finite for r in reports])),
+            jnp.any(jnp.stack([r.not_converged for r in reports])),
+            jnp.max(jnp.stack([r.steps for r in reports])),
+            jnp.max(jnp.stack([r.residual for r in reports])),
         )
         return _raise_on_failure("predictive", report, outputs.dtype, result)
 
