@@ -452,6 +452,15 @@ def test_float32_cg_converges_on_a_trained_network():
     assert error < 1e-3
     samples = posterior.sample(KEY, 2)
     assert np.all(np.isfinite(flat(samples)))
+    # The predictive by CG: many right-hand sides (here 5 inputs x 4 outputs).
+    inputs = data[0][:5]
+    _, variance = posterior.predictive(inputs, approximation="none", solve_method="cg")
+    jacobians = [
+        np.asarray(jacobian(model, params64, x.astype(jnp.float64))) for x in inputs
+    ]
+    covariance = np.linalg.inv(precision)
+    expected = np.stack([np.diag(jac @ covariance @ jac.T) for jac in jacobians])
+    assert_close(variance, expected, rtol=1e-2, atol=0)
 
 
 # --------------------------------------------------------------------------
