@@ -266,18 +266,26 @@ def _inverse(
     # `(s P) x = s b` with `s` large enough; the iterates are those of `P x = b`.
     def iterative(rhs):
         prior_diagonal = _ravel(posterior.prior_precision.full_diagonal())
-        options, lower = {}, jnp.min(prior_diagonal)
+        single, lower = {}, jnp.min(prior_diagonal)
         if isinstance(solver, lx.CG):
-            options = _cg_options(posterior, preconditioner)
+            single = _cg_options(posterior, preconditioner)
             if preconditioner == "jacobi":
-                lower = lower * jnp.min(lx.diagonal(options["preconditioner"]))
-            options = {key: rows_of(value, rhs.shape) for key, value in options.items()}
+                lower = lower * jnp.min(lx.diagonal(single["preconditioner"]))
+        options = {key: rows_of(value, rhs.shape) for key, value in single.items()}
         eps = jnp.finfo(rhs.dtype).eps
         scale = lax.stop_gradient(jnp.maximum(1, 1000 * eps * rhs.size / lower))
         operator = rows_of(precision, rhs.shape, scale)
-        solution = lx.linear_solve(
-            operator, scale * rhs, solver, options=options, throw=False
-        )
+        if rhs.shape[0] == 1:  # one system: on the params pytree itself
+            solution = lx.linear_solve(
+                precision, unravel(rhs[0]), solver, options=single, throw=False
+            )
+            solution = eqx.tree_at(
+                lambda s: s.value, solution, _ravel(solution.value)[None]
+            )
+        else:
+            solution = lx.linear_solve(
+                operator, scale * rhs, solver, options=options, throw=False
+            )
         solutions = solution.value
         residuals = jnp.linalg.norm(scale * rhs - operator.mv(solutions), axis=1)
         norms = jnp.maximum(jnp.linalg.norm(scale * rhs, axis=1), eps)
