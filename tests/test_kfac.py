@@ -12,6 +12,10 @@ the exact operator of the same kind, so the reference and KFAC use the same
 samples and Hessian square roots.
 """
 
+import importlib.util
+import subprocess
+import sys
+
 import equinox as eqx
 import jax
 import jax.monitoring
@@ -485,37 +489,64 @@ def test_laplace_posterior_uses_the_kronecker_algebra():
     np.testing.assert_allclose(np.cov(flat.T) / scale, covariance / scale, atol=0.04)
 
 
-def test_factors_match_laplace_torch():
+_LAPLACE_TORCH_SCRIPT = """
+import sys
+
+import numpy as np
+import torch
+import laplace
+
+torch.manual_seed(0)
+n = int(sys.argv[2])
+model = torch.nn.Sequential(
+    torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)
+).double()
+x, y = torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 4, (n,))
+loader = torch.utils.data.DataLoader(
+    torch.utils.data.TensorDataset(x, y), batch_size=n
+)
+la = laplace.Laplace(
+    model, "classification", subset_of_weights="all", hessian_structure="kron"
+)
+la.fit(loader)
+out = {"x": x.numpy(), "y": y.numpy()}
+for i, layer in enumerate([model[0], model[2]]):
+    (g, a), (g_bias,) = la.H_facs.kfacs[2 * i], la.H_facs.kfacs[2 * i + 1]
+    out[f"w{i}"] = layer.weight.detach().numpy().T
+    out[f"b{i}"] = layer.bias.detach().numpy()
+    out[f"g{i}"], out[f"a{i}"], out[f"g_bias{i}"] = g.numpy(), a.numpy(), g_bias.numpy()
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_factors_match_laplace_torch(tmp_path):
     """laplace-torch's 'kron' (curvlinops backend) keeps a layer's weight and bias
-    apart: its weight factors are `[G, A[:-1, :-1]]`, its bias factor `[G]`."""
-    torch = pytest.importorskip("torch")
-    laplace = pytest.importorskip("laplace")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)
-    ).double()
-    x, y = torch.randn(N, 3, dtype=torch.float64), torch.randint(0, 4, (N,))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x, y), batch_size=N
+    apart: its weight factors are `[G, A[:-1, :-1]]`, its bias factor `[G]`.
+
+    torch runs in a subprocess: loaded into the test process next to jaxlib, its
+    own LLVM and thread pools have crashed XLA's compiler later in the session.
+    """
+    if importlib.util.find_spec("torch") is None or (
+        importlib.util.find_spec("laplace") is None
+    ):
+        pytest.skip("laplace-torch is not installed")
+    path = tmp_path / "factors.npz"
+    subprocess.run(
+        [sys.executable, "-c", _LAPLACE_TORCH_SCRIPT, str(path), str(N)],
+        check=True,
+        timeout=240,
     )
-    la = laplace.Laplace(
-        model, "classification", subset_of_weights="all", hessian_structure="kron"
-    )
-    la.fit(loader)
-    linears = [model[0], model[2]]
+    torch_side = np.load(path)
     params = {}
-    for i, layer in enumerate(linears):
-        params[f"w{i}"] = jnp.asarray(layer.weight.detach().numpy()).T
-        params[f"b{i}"] = jnp.asarray(layer.bias.detach().numpy())
-    op = fo.KFACOperator(
-        mlp, params, (jnp.asarray(x.numpy()), jnp.asarray(y.numpy())), "cross_entropy"
-    )
-    for i in range(len(linears)):
-        (g, a), (g_bias,) = la.H_facs.kfacs[2 * i], la.H_facs.kfacs[2 * i + 1]
-        np.testing.assert_allclose(g.numpy(), op.gradient_covariances[i], atol=1e-12)
+    for i in range(2):
+        params[f"w{i}"] = jnp.asarray(torch_side[f"w{i}"])
+        params[f"b{i}"] = jnp.asarray(torch_side[f"b{i}"])
+    data = (jnp.asarray(torch_side["x"]), jnp.asarray(torch_side["y"]))
+    op = fo.KFACOperator(mlp, params, data, "cross_entropy")
+    for i in range(2):
+        gradients = op.gradient_covariances[i]
+        np.testing.assert_allclose(torch_side[f"g{i}"], gradients, atol=1e-12)
+        np.testing.assert_allclose(torch_side[f"g_bias{i}"], gradients, atol=1e-12)
         np.testing.assert_allclose(
-            g_bias.numpy(), op.gradient_covariances[i], atol=1e-12
-        )
-        np.testing.assert_allclose(
-            a.numpy(), op.input_covariances[i][:-1, :-1], atol=1e-12
+            torch_side[f"a{i}"], op.input_covariances[i][:-1, :-1], atol=1e-12
         )
