@@ -96,3 +96,16 @@ def batched_lapack_calls():
     not traced again: give the test shapes of its own."""
     start = len(_calls)
     return lambda: list(_calls[start:])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module.
+
+    XLA:CPU maps each executable's code into memory; the whole suite compiles
+    thousands of programs, and one long process then ran out of memory maps
+    (`vm.max_map_count`, 65530) and segfaulted inside XLA's compiler. Modules do
+    not share compiled programs, so releasing them costs nothing.
+    """
+    yield
+    jax.clear_caches()
