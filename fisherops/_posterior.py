@@ -275,7 +275,10 @@ def _inverse(
         eps = jnp.finfo(rhs.dtype).eps
         scale = lax.stop_gradient(jnp.maximum(1, 1000 * eps * rhs.size / lower))
         operator = rows_of(precision, rhs.shape, scale)
-        if rhs.shape[0] == 1:  # one system: on the params pytree itself
+        one_dtype = len({leaf.dtype for leaf in jax.tree.leaves(structure)}) == 1
+        # One system on the params pytree itself; mixed-dtype params stay flat
+        # (lineax's CG cannot carry leaves of different dtypes).
+        if rhs.shape[0] == 1 and one_dtype:
             solution = lx.linear_solve(
                 precision, unravel(rhs[0]), solver, options=single, throw=False
             )
