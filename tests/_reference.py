@@ -8,6 +8,7 @@ formulas of SPEC.md written out by hand:
     GGN = factor * sum_n J_n^T H_n J_n
 """
 
+import contextlib
 import functools
 
 import jax
@@ -315,3 +316,19 @@ def check_operator(operator, expected, params, seed=3, *, full=True):
         columns.sum(0),
         err_msg="linearise().sqrt_mv",
     )
+
+
+@contextlib.contextmanager
+def counted_compilations():
+    """The XLA compilations that run inside the block, as a growing list."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

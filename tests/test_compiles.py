@@ -2,15 +2,19 @@
 the same shapes compile nothing, and building an operator inside `jit` traces
 once per shape."""
 
-import contextlib
-
 import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
 import pytest
-from _reference import init_params, make_data, mlp, random_vector
+from _reference import (
+    counted_compilations,
+    init_params,
+    make_data,
+    mlp,
+    random_vector,
+)
 
 import fisherops as fo
 
@@ -37,22 +41,6 @@ def make_operator(kind, params, data, key, chunk_size):
 
 def shifted(tree, amount):
     return jax.tree_util.tree_map(lambda leaf: leaf + amount, tree)
-
-
-@contextlib.contextmanager
-def counted_compilations():
-    """The XLA compilations that run inside the block, as a growing list."""
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 METHODS = {

@@ -5,7 +5,6 @@ The reference evidence is written out in numpy:
 dense GGN / empirical Fisher from per-datum Jacobians (`_reference`).
 """
 
-import contextlib
 import functools
 import math
 import warnings
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from _reference import (
     assert_close,
+    counted_compilations,
     dense_ef,
     dense_ggn,
     flat,
@@ -96,21 +96,6 @@ def evidence_gradient(matrix, mean, log_precisions, step=1e-5):
         )
         gradient.append((plus - minus) / (2 * step))
     return np.asarray(gradient)
-
-
-@contextlib.contextmanager
-def counted_compilations():
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # --------------------------------------------------------------------------

@@ -6,7 +6,6 @@ the diagonal prior, in numpy) and checks solves, samples, the linearised
 predictive (probit and Monte Carlo) and the errors against it.
 """
 
-import contextlib
 import functools
 import math
 
@@ -20,6 +19,7 @@ from _reference import (
     assert_close,
     assert_like_params,
     batched,
+    counted_compilations,
     dense_ef,
     dense_ggn,
     dense_prior,
@@ -301,22 +301,6 @@ def test_probit():
 # --------------------------------------------------------------------------
 # compiled once
 # --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def counted_compilations():
-    """The XLA compilations that run inside the block, as a growing list."""
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 METHODS = {
