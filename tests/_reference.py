@@ -320,15 +320,23 @@ def check_operator(operator, expected, params, seed=3, *, full=True):
 
 @contextlib.contextmanager
 def counted_compilations():
-    """The XLA compilations that run inside the block, as a growing list."""
+    """The XLA compilations that run inside the block, as a growing list: each
+    backend compilation, and each program read from the persistent compilation
+    cache (`tests/conftest.py`), which stands for one."""
     events = []
 
-    def listener(event, duration, **kwargs):
+    def on_duration(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             events.append(duration)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def on_event(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            events.append(0.0)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     try:
         yield events
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)

@@ -10,6 +10,7 @@ from _reference import (
     assert_close,
     assert_like_params,
     batched,
+    counted_compilations,
     dense_ef,
     flat,
     init_params,
@@ -211,18 +212,9 @@ def test_repeated_eager_calls_compile_nothing():
         make()(VECTOR)
     for make in without_data.values():
         make()(VECTOR, data)
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with counted_compilations() as events:
         for make in with_data.values():
             make()(other_vector)
         for make in without_data.values():
             make()(other_vector, other_data)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert events == []

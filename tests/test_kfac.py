@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import pytest
+from _reference import counted_compilations
 from jax.flatten_util import ravel_pytree
 
 import fisherops as fo
@@ -433,15 +434,6 @@ def test_layers_by_hand():
 # Compilation and the Laplace posterior.
 # --------------------------------------------------------------------------- #
 
-_COMPILES = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *args, **kwargs: (
-        _COMPILES.append(name)
-        if name == "/jax/core/compile/backend_compile_duration"
-        else None
-    )
-)
-
 
 def test_repeated_calls_compile_nothing():
     def calls(shift):
@@ -458,9 +450,9 @@ def test_repeated_calls_compile_nothing():
         )
 
     first = calls(0.0)
-    before = len(_COMPILES)
-    second = calls(0.5)
-    assert len(_COMPILES) == before
+    with counted_compilations() as compiles:
+        second = calls(0.5)
+    assert compiles == []
     assert not np.allclose(first[3], second[3])
 
 

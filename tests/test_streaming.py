@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import pytest
-from _reference import assert_close, mlp
+from _reference import assert_close, counted_compilations, mlp
 from _scaling import DATA, KINDS, NUM_DATA, PARAMS, PRIOR, VECTOR
 from _scaling import expected as in_memory
 from _scaling import operator as make_operator
@@ -124,11 +124,6 @@ def test_progress_bar(capsys, monkeypatch):
 def test_repeated_eager_calls_compile_nothing():
     """mv, diagonal and as_matrix, with progress bars, called again and on a new
     operator with new params: no compilation after the first call of each."""
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
 
     def ggn(params):
         return fo.StreamedOperator(
@@ -137,8 +132,7 @@ def test_repeated_eager_calls_compile_nothing():
             progress=True,
         )
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with counted_compilations() as events:
         first = ggn(PARAMS)
         calls = [lambda op: op.mv(VECTOR), lambda op: op.diagonal()]
         calls.append(lambda op: op.as_matrix())
@@ -150,8 +144,6 @@ def test_repeated_eager_calls_compile_nothing():
             call(first)
             call(second)
         assert len(events) == before
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_repr_names_the_loader():
