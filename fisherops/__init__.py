@@ -28,6 +28,7 @@ from ._operators import AbstractCurvatureOperator as AbstractCurvatureOperator
 from ._operators import EmpiricalFisherOperator as EmpiricalFisherOperator
 from ._operators import GGNOperator as GGNOperator
 from ._operators import LinearisedCurvatureOperator as LinearisedCurvatureOperator
+from ._operators import MaterialisedCurvatureOperator as MaterialisedCurvatureOperator
 from ._operators import MCFisherOperator as MCFisherOperator
 from ._posterior import LaplacePosterior as LaplacePosterior
 from ._posterior import probit as probit

@@ -44,6 +44,7 @@ from ._logdet import (
     _Spectrum,
     logdet,
 )
+from ._operators import unwrapped
 from ._priors import PriorPrecision
 
 # Prior precisions are searched in `[e^-30, e^30]`; a group whose evidence keeps
@@ -638,9 +639,7 @@ def _by_validation(curvature, params, grid, validation_data, bar):
             "objective='validation' needs validation_data=(inputs, targets)."
         )
     data = _split(validation_data)
-    likelihood = getattr(curvature, "likelihood", None) or getattr(
-        getattr(curvature, "operator", None), "likelihood", None
-    )
+    likelihood = getattr(unwrapped(curvature), "likelihood", None)
     values = []
     for precision in grid:
         posterior = LaplacePosterior(curvature, precision, params)

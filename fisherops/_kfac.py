@@ -393,7 +393,7 @@ class KFACOperator(_AbstractScalable):
         inverse is then the exact inverse of that nearby matrix, a good
         preconditioner for CG on `K + Λ`.
         """
-        precision = jtu.tree_leaves(self._prior(prior_precision).precision)
+        precision = jtu.tree_leaves(self._prior(prior_precision).per_leaf())
         return all(
             jnp.ndim(precision[i]) == 0
             for layer in self.structure.layers
@@ -496,7 +496,7 @@ def _eigendecompositions(kfac: KFACOperator) -> tuple:
 
 @eqx.filter_jit
 def _damp(kfac: KFACOperator, prior: PriorPrecision) -> _Damped:
-    precision = jtu.tree_leaves(prior.precision)
+    precision = jtu.tree_leaves(prior.per_leaf())
     full = jtu.tree_leaves(prior.full_diagonal())
     eigen = kfac.eigendecompositions
     if eigen is None:

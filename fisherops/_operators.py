@@ -354,6 +354,12 @@ def with_scale(
     operator: "AbstractCurvatureOperator | LinearisedCurvatureOperator", scalar
 ) -> "AbstractCurvatureOperator | LinearisedCurvatureOperator":
     """The same operator with its `scale` multiplied by `scalar` (at least float32)."""
+    if isinstance(operator, MaterialisedCurvatureOperator):
+        scaled = with_scale(operator.operator, scalar)
+        factor = jnp.asarray(scalar, operator.scale.dtype)
+        return MaterialisedCurvatureOperator(
+            scaled, factor.astype(operator.matrix.dtype) * operator.matrix
+        )
     if isinstance(operator, LinearisedCurvatureOperator):
         return eqx.tree_at(
             lambda o: o.operator, operator, with_scale(operator.operator, scalar)
@@ -757,6 +763,106 @@ class GGNOperator(AbstractCurvatureOperator):
         return products.astype(tangents.dtype)
 
 
+class MaterialisedCurvatureOperator(_AbstractScalable):
+    """A curvature operator with its dense matrix computed once: see
+    `lineax.materialise(operator)`.
+
+    It has every method of the curvature operator it came from, with the same
+    numbers: `as_matrix()` and `diagonal()` are read off the held `(P, P)` matrix,
+    `mv` is one matrix-vector product, and `sqrt_mv`, the model and the data are
+    the original operator's. Everything downstream that needs the dense matrix
+    (prior tuning, `LaplacePosterior.factorise()`, the log determinant) then
+    reuses it instead of computing it again.
+    """
+
+    operator: "AbstractCurvatureOperator | LinearisedCurvatureOperator"
+    matrix: Float[Array, "P P"]
+
+    def __check_init__(self):
+        size = self.operator.in_size()
+        if jnp.shape(self.matrix) != (size, size):
+            raise ValueError(
+                f"matrix must be the operator's (P, P) = ({size}, {size}) matrix; "
+                f"got shape {jnp.shape(self.matrix)}."
+            )
+
+    # What the curvature operator holds, read through.
+
+    @property
+    def scale(self) -> Float[Array, ""]:
+        return self.operator.scale
+
+    @property
+    def model_fn(self) -> ModelFn:
+        return self.operator.model_fn
+
+    @property
+    def params(self) -> PyTree[Float[Array, "..."]]:
+        return self.operator.params
+
+    @property
+    def data(self) -> tuple[PyTree, PyTree]:
+        return self.operator.data
+
+    @property
+    def num_data(self) -> int:
+        return self.operator.num_data
+
+    @property
+    def vmap_over_data(self) -> bool:
+        return self.operator.vmap_over_data
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.operator.chunk_size
+
+    @eqx.filter_jit
+    def mv(self, vector):
+        vector = _check_vector(self, vector)
+        flat, unravel = jfu.ravel_pytree(vector)
+        return unravel(self.matrix @ flat.astype(self.matrix.dtype))
+
+    def sqrt_mv(self, coefficients: Float[Array, "N K"]) -> PyTree:
+        """As `AbstractCurvatureOperator.sqrt_mv`, from the original operator."""
+        return self.operator.sqrt_mv(coefficients)
+
+    def sqrt_shape(self) -> tuple[int, int]:
+        return self.operator.sqrt_shape()
+
+    def as_matrix(self, algorithm: str | None = None) -> Float[Array, "P P"]:
+        """The held `(P, P)` matrix (`algorithm` is checked, then ignored)."""
+        _check_algorithm(algorithm)
+        return self.matrix
+
+    @eqx.filter_jit
+    def diagonal(self, algorithm: str | None = None) -> Float[Array, " P"]:
+        """The held matrix's diagonal, flat `(P,)`."""
+        _check_algorithm(algorithm)
+        return jnp.diagonal(self.matrix)
+
+    def linearise(self) -> "MaterialisedCurvatureOperator":
+        return self
+
+    def transpose(self) -> "MaterialisedCurvatureOperator":
+        return self
+
+    def in_structure(self):
+        return self.operator.in_structure()
+
+    def out_structure(self):
+        return self.operator.out_structure()
+
+
+def unwrapped(operator: lx.AbstractLinearOperator) -> lx.AbstractLinearOperator:
+    """The curvature operator under `linearise()` and `lineax.materialise`
+    wrappers (itself for any other operator): its likelihood and model."""
+    while isinstance(
+        operator, LinearisedCurvatureOperator | MaterialisedCurvatureOperator
+    ):
+        operator = operator.operator
+    return operator
+
+
 # --------------------------------------------------------------------------- #
 # lineax's single-dispatch queries.
 # --------------------------------------------------------------------------- #
@@ -768,6 +874,7 @@ def _(operator):
 
 
 @lx.linearise.register(LinearisedCurvatureOperator)
+@lx.linearise.register(MaterialisedCurvatureOperator)
 def _(operator):
     return operator
 
@@ -775,35 +882,25 @@ def _(operator):
 @lx.materialise.register(AbstractCurvatureOperator)
 @lx.materialise.register(LinearisedCurvatureOperator)
 def _(operator):
-    matrix = operator.as_matrix()
-    structure = operator.in_structure()
-    _, unravel = jfu.ravel_pytree(
-        jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), structure)
-    )
-    leaves, treedef = jtu.tree_flatten(structure)
-    starts = np.cumsum([0] + [leaf.size for leaf in leaves])
-    rows = [
-        jtu.tree_map(
-            lambda block, leaf=leaf: block.reshape(leaf.shape + block.shape[1:]),
-            jax.vmap(unravel)(matrix[start : start + leaf.size]),
-        )
-        for leaf, start in zip(leaves, starts, strict=False)
-    ]
-    return lx.PyTreeLinearOperator(
-        jtu.tree_unflatten(treedef, rows),
-        operator.out_structure(),
-        (lx.symmetric_tag, lx.positive_semidefinite_tag),
-    )
+    # Only the matrix is computed (compiled); the operator is kept as it is.
+    return MaterialisedCurvatureOperator(operator, operator.as_matrix())
+
+
+@lx.materialise.register(MaterialisedCurvatureOperator)
+def _(operator):
+    return operator
 
 
 @lx.diagonal.register(AbstractCurvatureOperator)
 @lx.diagonal.register(LinearisedCurvatureOperator)
+@lx.diagonal.register(MaterialisedCurvatureOperator)
 def _(operator):
     return operator.diagonal()
 
 
 @lx.tridiagonal.register(AbstractCurvatureOperator)
 @lx.tridiagonal.register(LinearisedCurvatureOperator)
+@lx.tridiagonal.register(MaterialisedCurvatureOperator)
 def _(operator):
     matrix = operator.as_matrix()
     return jnp.diagonal(matrix), jnp.diagonal(matrix, -1), jnp.diagonal(matrix, 1)
@@ -811,8 +908,13 @@ def _(operator):
 
 @lx.conj.register(AbstractCurvatureOperator)
 @lx.conj.register(LinearisedCurvatureOperator)
+@lx.conj.register(MaterialisedCurvatureOperator)
 def _(operator):
     return operator
 
 
-register_symmetric_psd(AbstractCurvatureOperator, LinearisedCurvatureOperator)
+register_symmetric_psd(
+    AbstractCurvatureOperator,
+    LinearisedCurvatureOperator,
+    MaterialisedCurvatureOperator,
+)

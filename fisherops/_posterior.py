@@ -51,7 +51,7 @@ from ._kfac import KFACOperator
 from ._likelihoods import BinaryCrossEntropy, CrossEntropy
 from ._logdet import _DENSE_MAX_SIZE, LogdetMethod, _ravel, _unraveller
 from ._logdet import logdet as _logdet
-from ._operators import AbstractCurvatureOperator, LinearisedCurvatureOperator
+from ._operators import AbstractCurvatureOperator, unwrapped
 from ._priors import PriorPrecision
 
 SolveMethod = Literal["auto", "dense", "cg"]
@@ -175,9 +175,7 @@ def _uses_jacobi(posterior: "LaplacePosterior") -> bool:
     misleads), and for a fisherops curvature whose exact diagonal costs few
     products (`K <= 64` factor columns: the diagonal costs about `K / 2` CG steps).
     """
-    curvature = posterior.curvature
-    if isinstance(curvature, LinearisedCurvatureOperator):
-        curvature = curvature.operator
+    curvature = unwrapped(posterior.curvature)
     return (
         isinstance(curvature, AbstractCurvatureOperator)
         and curvature.sqrt_shape()[1] <= _JACOBI_MAX_COLUMNS
@@ -375,15 +373,15 @@ def _held_logdet(cholesky: Float[Array, "P P"]) -> Scalar:
 
 def _model(curvature: lx.AbstractLinearOperator) -> tuple[Any, bool]:
     """The curvature's `model_fn` and `vmap_over_data`."""
-    if isinstance(curvature, LinearisedCurvatureOperator):
-        curvature = curvature.operator
+    curvature = unwrapped(curvature)
     model_fn = getattr(curvature, "model_fn", None)
     vmap_over_data = getattr(curvature, "vmap_over_data", None)
     if model_fn is None or vmap_over_data is None:
         raise TypeError(
             "predictive needs the curvature's model: a curvature operator built "
             "from model_fn (EmpiricalFisherOperator, MCFisherOperator, GGNOperator, "
-            f"KFACOperator or their linearise()); got {type(curvature).__name__}."
+            "KFACOperator, their linearise() or lineax.materialise); got "
+            f"{type(curvature).__name__}."
         )
     return model_fn, vmap_over_data
 
@@ -652,8 +650,8 @@ class LaplacePosterior(eqx.Module):
         _check_curvature(curvature)
         if params is None:
             params = getattr(curvature, "params", None)
-            if params is None and isinstance(curvature, LinearisedCurvatureOperator):
-                params = curvature.operator.params
+            if params is None:
+                params = getattr(unwrapped(curvature), "params", None)
             if params is None:
                 raise ValueError(
                     "params must be given for a curvature without .params (a "
@@ -960,10 +958,7 @@ class LaplacePosterior(eqx.Module):
     def _link(self, link: str | None) -> str:
         if link is not None:
             return _check_method("link", link, ("softmax", "sigmoid"))
-        curvature = self.curvature
-        if isinstance(curvature, LinearisedCurvatureOperator):
-            curvature = curvature.operator
-        likelihood = getattr(curvature, "likelihood", None)
+        likelihood = getattr(unwrapped(self.curvature), "likelihood", None)
         if isinstance(likelihood, CrossEntropy):
             return "softmax"
         if isinstance(likelihood, BinaryCrossEntropy):

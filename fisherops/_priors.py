@@ -19,8 +19,8 @@ def _is_scalar(x) -> bool:
 
 
 def _broadcast_precision(params: PyTree, precision) -> PyTree:
-    if _is_scalar(precision):
-        return jtu.tree_map(lambda p: jnp.asarray(precision, p.dtype), params)
+    if _is_scalar(precision):  # kept as one 0-d array: `λ` reads back as given
+        return jnp.asarray(precision, jnp.result_type(*jtu.tree_leaves(params)))
     try:
         return jtu.tree_map(
             lambda p, x: _leaf_precision(p, x), params, precision, is_leaf=_is_scalar
@@ -49,10 +49,10 @@ def _leaf_precision(param, value):
 class PriorPrecision(lx.AbstractLinearOperator):
     r"""The precision of a zero-mean Gaussian prior `N(0, Λ^{-1})` on the params.
 
-    `Λ` is diagonal: `precision` is a scalar (isotropic, `Λ = λ I`), a pytree of
-    scalars with the structure of `params` (one `λ` per leaf, "layerwise"), or a
-    params-shaped pytree of arrays (a full diagonal). Precisions must be
-    non-negative.
+    `Λ` is diagonal: `precision` is a scalar (isotropic, `Λ = λ I`; held as a
+    0-d array), a pytree of scalars with the structure of `params` (one `λ` per
+    leaf, "layerwise"), or a params-shaped pytree of arrays (a full diagonal).
+    Precisions must be non-negative.
 
     Symmetric and positive semidefinite for lineax, so `fisher + prior` and
     `prior + fisher` go straight into `lineax.CG` and `lineax.Cholesky`.
@@ -81,11 +81,19 @@ class PriorPrecision(lx.AbstractLinearOperator):
             ):
                 raise ValueError(f"precision must be >= 0 and not NaN; got {leaf}.")
 
+    def per_leaf(self) -> PyTree[Float[Array, "..."]]:
+        """`precision` with one entry per params leaf (a scalar `λ` repeated), in
+        each leaf's dtype."""
+        structure = self.in_structure()
+        if eqx.is_array(self.precision):
+            return jtu.tree_map(lambda s: self.precision.astype(s.dtype), structure)
+        return self.precision
+
     def full_diagonal(self) -> PyTree[Float[Array, "..."]]:
         """The diagonal of `Λ` as a params-shaped pytree."""
         return jtu.tree_map(
             lambda lam, s: jnp.broadcast_to(lam, s.shape),
-            self.precision,
+            self.per_leaf(),
             self.in_structure(),
         )
 
@@ -95,7 +103,7 @@ class PriorPrecision(lx.AbstractLinearOperator):
         return jfu.ravel_pytree(self.full_diagonal())[0]
 
     def mv(self, vector):
-        return jtu.tree_map(lambda lam, v: lam * v, self.precision, vector)
+        return jtu.tree_map(lambda lam, v: lam * v, self.per_leaf(), vector)
 
     def as_matrix(self):
         return jnp.diag(lx.diagonal(self))

@@ -650,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     validated = {}
     for name, curvature in curvatures(params, train, key_mc).items():
         with _timer(timings, f"Laplace {name}: tune prior"):
+            curvature = lx.materialise(curvature)  # dense once (KFAC: itself)
             tuned = tune_prior(curvature, train_ll, validation, grid)
         for tuning, result in tuned.items():
             setup = f"Laplace {name}" + (" (validation λ)" * (tuning == "validation"))
@@ -657,6 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 posterior = fisherops.LaplacePosterior(
                     curvature, result.prior_precision
                 )
+                if not isinstance(curvature, fisherops.KFACOperator):
+                    posterior = posterior.factorise()
                 metrics, probs[setup] = evaluate(posterior.predictive, labelled, ood)
             metrics["prior_precision"] = float(result.prior_precision.diagonal()[0])
             metrics["prior_tuning"] = tuning

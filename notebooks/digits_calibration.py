@@ -21,6 +21,7 @@
 import warnings
 
 import jax
+import lineax as lx
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -57,12 +58,13 @@ print(f"{train[0].shape[0]} training images, {x_test.shape[0]} test images")
 # %% [markdown]
 # ## GGN Laplace with an evidence-tuned prior
 #
-# `optimize_prior_precision` maximises the Laplace evidence from one
-# eigendecomposition of the GGN; `factorise()` computes the Cholesky factor of
-# the posterior precision once, and every predictive reuses it.
+# `lx.materialise` computes the GGN's dense matrix once; `optimize_prior_precision`
+# maximises the Laplace evidence from one eigendecomposition of it;
+# `factorise()` computes the Cholesky factor of the posterior precision once, and
+# every predictive reuses it.
 
 # %%
-ggn = fisherops.GGNOperator(mlp, params, train, "cross_entropy")
+ggn = lx.materialise(fisherops.GGNOperator(mlp, params, train, "cross_entropy"))
 result = fisherops.optimize_prior_precision(
     ggn, log_likelihood=log_likelihood(mlp, params, train)
 )
@@ -154,7 +156,9 @@ figure.tight_layout()
 
 # %%
 model_last, params_last, _ = fisherops.subset(mlp, params, fisherops.last_layer(params))
-ggn_last = fisherops.GGNOperator(model_last, params_last, train, "cross_entropy")
+ggn_last = lx.materialise(
+    fisherops.GGNOperator(model_last, params_last, train, "cross_entropy")
+)
 result_last = fisherops.optimize_prior_precision(
     ggn_last, log_likelihood=log_likelihood(mlp, params, train)
 )

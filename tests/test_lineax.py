@@ -126,6 +126,51 @@ def test_queries(kind):
     assert_close(lx.linearise(op).as_matrix(), matrix)
 
 
+def test_materialise_holds_the_matrix_and_the_model():
+    """`lx.materialise` keeps the dense matrix once and the operator's model:
+    every read is the same number, scaling scales both, and the posterior and
+    the prior tuning read the held matrix instead of computing it again."""
+    op = build("ggn")
+    matrix = np.asarray(dense_ggn(mlp, PARAMS, DATA, LOSS))
+    held = lx.materialise(op)
+    assert isinstance(held, fo.MaterialisedCurvatureOperator)
+    assert lx.materialise(held) is held and lx.linearise(held) is held
+    assert lx.is_symmetric(held) and lx.is_positive_semidefinite(held)
+    assert held.model_fn is op.model_fn and held.params is op.params
+    assert_close(held.as_matrix(), matrix)
+    assert_close(lx.diagonal(held), np.diag(matrix))
+    product = held.mv(RHS)
+    assert_like_params(product, PARAMS)
+    assert_close(flat(product), matrix @ flat(RHS))
+    shape = held.sqrt_shape()
+    basis = jnp.eye(shape[0] * shape[1]).reshape(-1, *shape)
+    columns = jax.vmap(lambda e: ravel_pytree(held.sqrt_mv(e))[0])(basis)
+    assert_close(columns.T @ columns, matrix)
+    scaled = 2.5 * held
+    assert isinstance(scaled, fo.MaterialisedCurvatureOperator)
+    assert_close(scaled.as_matrix(), 2.5 * matrix)
+    assert_close(flat(scaled.mv(RHS)), 2.5 * matrix @ flat(RHS))
+    assert_close(flat(scaled.sqrt_mv(basis[0])), np.sqrt(2.5) * columns[0])
+    with pytest.raises(ValueError, match="algorithm must be None"):
+        held.as_matrix("qr")
+    with pytest.raises(ValueError, match=r"matrix must be the operator's \(P, P\)"):
+        fo.MaterialisedCurvatureOperator(op, jnp.eye(3))
+
+    # Nothing downstream recomputes the matrix: a held matrix that differs from
+    # the operator's own is what the posterior and the tuning see.
+    fake = fo.MaterialisedCurvatureOperator(op, jnp.asarray(2 * matrix))
+    posterior = fo.LaplacePosterior(fake, 1.5).factorise()
+    expected = np.linalg.solve(2 * matrix + 1.5 * np.eye(len(matrix)), flat(RHS))
+    assert_close(flat(posterior.solve(RHS)), expected)
+    result = fo.optimize_prior_precision(fake)
+    reference = fo.optimize_prior_precision(2.0 * op)
+    assert_close(result.prior_precision.precision, reference.prior_precision.precision)
+    assert_close(
+        posterior.predictive(DATA[0]),
+        fo.LaplacePosterior(2.0 * op, 1.5).predictive(DATA[0], solve_method="dense"),
+    )
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_linearised_mv_does_not_run_the_model(kind):
     """linearise() does the primal work once; its mv only does linear work."""

@@ -527,7 +527,15 @@ def test_bad_input_is_a_clear_error():
     )
     with pytest.raises(ValueError, match="link must be given"):
         regression.predictive(INPUTS)
-    generic = fo.LaplacePosterior(lx.materialise(operator), SCALAR_PRIOR, PARAMS)
+    generic = fo.LaplacePosterior(
+        lx.FunctionLinearOperator(
+            operator.mv,
+            operator.in_structure(),
+            (lx.symmetric_tag, lx.positive_semidefinite_tag),
+        ),
+        SCALAR_PRIOR,
+        PARAMS,
+    )
     with pytest.raises(TypeError, match="predictive needs the curvature's model"):
         generic.predictive(INPUTS)
     with pytest.raises(TypeError, match="sample with CG needs a curvature with a"):
