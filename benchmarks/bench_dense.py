@@ -28,7 +28,6 @@ import argparse
 import datetime
 import functools as ft
 import platform
-import statistics
 import time
 
 import equinox as eqx
@@ -36,6 +35,7 @@ import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_seconds
 
 import fisherops
 
@@ -108,18 +108,6 @@ def jacrev_route(model_fn, params, inputs):
     return flat_j.T @ hj.reshape(-1, flat.size)
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """The median of `repeats` calls; one call when it takes over 5 s."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-        if times[-1] > 5:
-            break
-    return statistics.median(times)
-
-
 def compiled(method, operator, **kwargs):
     """`method(operator, **kwargs)` compiled ahead of time, as a zero-argument call."""
     dynamic, static = eqx.partition(operator, eqx.is_array)
@@ -160,7 +148,8 @@ def main():
             "jacrev": ft.partial(jacrev, model_fn, params, inputs),
         }
         seconds = {
-            label: median_seconds(fn, repeats) for label, fn in functions.items()
+            label: median_seconds(fn, repeats, warmup=0, cap=5)
+            for label, fn in functions.items()
         }
         route = ggn._dense_route(None)
         size, num_data = ggn.in_size(), ggn.num_data

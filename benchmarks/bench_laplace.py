@@ -24,10 +24,9 @@ medians, and ratios to `grad`, the gradient of the summed loss over the batch.
 
 import argparse
 import datetime
+import functools as ft
 import os
 import platform
-import statistics
-import time
 
 import jax
 
@@ -39,21 +38,12 @@ import jax.numpy as jnp  # noqa: E402
 import lineax as lx  # noqa: E402
 import numpy as np  # noqa: E402
 from _problems import Problem, loss_per_datum, make_problem  # noqa: E402
+from _timing import median_seconds  # noqa: E402
 
 import fisherops  # noqa: E402
 
 SLQ_CONFIGS = ((32, 64), (8, 32))
 DENSE_LIMIT = 10_000  # largest P whose dense log-det is timed
-
-
-def median_seconds(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def posterior(problem: Problem, params, inputs, targets, prior):
@@ -174,7 +164,7 @@ def pcg_rows(name, model_fn, params, inputs, targets, loss, prior, repeats):
     for label, jacobi in (("CG", False), ("Jacobi PCG", True)):
         solve = _solver(model_fn, loss, prior, jacobi)
         steps, residual = solve(*args)
-        seconds = median_seconds(solve, args, repeats)
+        seconds = median_seconds(ft.partial(solve, *args), repeats)
         result[label] = (int(steps), float(residual), seconds)
     (cg, cg_res, cg_s), (pcg, pcg_res, pcg_s) = result["CG"], result["Jacobi PCG"]
     size = sum(leaf.size for leaf in jax.tree.leaves(params))
@@ -252,7 +242,7 @@ def run(name: str, num_data: int, prior: float, repeats: int) -> list[str]:
     timed = functions(problem, prior)
     seconds = {}
     for label, fn in timed.items():
-        seconds[label] = median_seconds(fn, args, repeats)
+        seconds[label] = median_seconds(ft.partial(fn, *args), repeats)
     seconds["sample x16 / 16"] = seconds.pop("sample x16") / 16
     exact = exact_logdet(problem, prior, *args[:3]) if "logdet dense" in timed else None
     steps = cg_steps(problem, prior, *args)

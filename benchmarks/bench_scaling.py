@@ -28,27 +28,12 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 HERE = pathlib.Path(__file__).parent
 NUM_DATA = 4096
 CHUNK_SIZE = 512
-
-
-def median_seconds(fn, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def worker(repeats: int) -> dict:
@@ -57,6 +42,7 @@ def worker(repeats: int) -> dict:
 
     import jax
     from _problems import make_problem
+    from _timing import median_seconds
 
     import fisherops as fo
 
@@ -89,7 +75,7 @@ def worker(repeats: int) -> dict:
     ):
         compiled = jax.jit(fn).lower(problem.params, *data).compile()
         result[name] = median_seconds(
-            ft.partial(compiled, problem.params, *data), repeats
+            ft.partial(compiled, problem.params, *data), repeats, warmup=2
         )
         result[f"{name} all-reduces"] = compiled.as_text().count("all-reduce(")
     return result
@@ -119,6 +105,7 @@ def streaming(batch_sizes, repeats: int) -> list[tuple[str, float]]:
     import jax
     import numpy as np
     from _problems import make_problem
+    from _timing import median_seconds
 
     import fisherops as fo
 
@@ -132,7 +119,7 @@ def streaming(batch_sizes, repeats: int) -> list[tuple[str, float]]:
 
     in_memory = jax.jit(lambda data: operator(data).mv(vector))
     data = (problem.inputs, problem.targets)
-    rows = [("in memory", median_seconds(lambda: in_memory(data), repeats))]
+    rows = [("in memory", median_seconds(lambda: in_memory(data), repeats, warmup=2))]
     inputs, targets = (np.asarray(leaf) for leaf in data)
     for size in batch_sizes:
         batches = [
@@ -140,7 +127,7 @@ def streaming(batch_sizes, repeats: int) -> list[tuple[str, float]]:
             for i in range(0, NUM_DATA, size)
         ]
         streamed = fo.StreamedOperator(operator, batches)
-        seconds = median_seconds(ft.partial(streamed.mv, vector), repeats)
+        seconds = median_seconds(ft.partial(streamed.mv, vector), repeats, warmup=2)
         rows.append((f"streamed, batches of {size}", seconds))
     return rows
 
