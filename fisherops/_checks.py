@@ -117,17 +117,26 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
 
 
+@jax.jit
+def _non_finite_counts(leaves: list[Array]) -> list[Array]:
+    return [jnp.sum(~jnp.isfinite(leaf)) for leaf in leaves]
+
+
 def _check_finite(name: str, tree: PyTree) -> None:
-    """Floating leaves of `tree` hold no NaN or inf (checked where concrete)."""
-    for path, leaf in jtu.tree_leaves_with_path(tree):
-        if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(
-            jnp.result_type(leaf), jnp.inexact
-        ):
-            continue
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            continue
-        with jax.ensure_compile_time_eval():  # on the device, even inside a trace
-            count = int(jnp.sum(~jnp.isfinite(leaf)))
+    """Floating leaves of `tree` hold no NaN or inf (checked where concrete), in
+    one compiled call for all of them."""
+    checked = [
+        (path, leaf)
+        for path, leaf in jtu.tree_leaves_with_path(tree)
+        if not isinstance(leaf, jax.core.Tracer)
+        and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+        and not (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable)
+    ]
+    if not checked:
+        return
+    with jax.ensure_compile_time_eval():  # on the device, even inside a trace
+        counts = _non_finite_counts([jnp.asarray(leaf) for _, leaf in checked])
+    for (path, _), count in zip(checked, jax.device_get(counts), strict=True):
         if count:
             raise ValueError(
                 f"{name}{jtu.keystr(path)} must be finite; got {count} NaN or inf "

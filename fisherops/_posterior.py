@@ -183,12 +183,15 @@ def _uses_jacobi(posterior: "LaplacePosterior") -> bool:
     )
 
 
-def _resolve_preconditioner(posterior: "LaplacePosterior", preconditioner):
+def _resolve_preconditioner(posterior: "LaplacePosterior", preconditioner, method):
     """`"auto"` made concrete, outside the compiled bodies (where the prior's
-    values are known): `"kfac"`, `"jacobi"`, `None` or an operator."""
+    values are known): `"kfac"`, `"jacobi"`, `None` or an operator; `None`
+    unless `method` is CG (nothing else uses one)."""
     if preconditioner is None or isinstance(preconditioner, lx.AbstractLinearOperator):
-        return preconditioner
+        return preconditioner if method == "cg" else None
     _check_method("preconditioner", preconditioner, ("auto", "jacobi"))
+    if method != "cg":
+        return None
     if preconditioner == "jacobi":
         return "jacobi"
     if isinstance(posterior.curvature, KFACOperator):
@@ -369,6 +372,12 @@ def _factorise_body(posterior):
 @eqx.filter_jit
 def _held_logdet(cholesky: Float[Array, "P P"]) -> Scalar:
     return 2 * jnp.sum(jnp.log(jnp.diagonal(cholesky)))
+
+
+@eqx.filter_jit
+def _held_evidence(cholesky, prior_precision, params, log_likelihood) -> Scalar:
+    """The evidence from a held Cholesky factor, in one compiled call."""
+    return _evidence(_held_logdet(cholesky), prior_precision, params, log_likelihood)
 
 
 def _model(curvature: lx.AbstractLinearOperator) -> tuple[Any, bool]:
@@ -728,7 +737,7 @@ class LaplacePosterior(eqx.Module):
         vector = jtu.tree_map(jnp.asarray, vector)
         _check_like("vector", vector, self.curvature.in_structure())
         method = self._method(solve_method, dense_when_small=False)
-        preconditioner = _resolve_preconditioner(self, preconditioner)
+        preconditioner = _resolve_preconditioner(self, preconditioner, method)
         solution, report = _solve_body(self, vector, method, solver, preconditioner)
         return _raise_on_failure("solve", report, _ravel(vector).dtype, solution)
 
@@ -763,7 +772,7 @@ class LaplacePosterior(eqx.Module):
         _check_key(key)
         num_samples = _check_positive_int("num_samples", num_samples)
         method = self._method(solve_method, dense_when_small=False)
-        preconditioner = _resolve_preconditioner(self, preconditioner)
+        preconditioner = _resolve_preconditioner(self, preconditioner, method)
         if method == "cg":
             curvature = self.curvature
             if not (hasattr(curvature, "sqrt_mv") and hasattr(curvature, "sqrt_shape")):
@@ -840,8 +849,8 @@ class LaplacePosterior(eqx.Module):
           `logdet` (the held Cholesky factor is reused likewise).
         """
         if self._uses_held_factor(logdet_method):
-            return _evidence(
-                _held_logdet(self.cholesky),
+            return _held_evidence(
+                self.cholesky,
                 self.prior_precision,
                 self.params,
                 _check_scalar("log_likelihood", log_likelihood),
@@ -909,7 +918,6 @@ class LaplacePosterior(eqx.Module):
             "approximation", approximation, ("probit", "mc", "none")
         )
         num_data = _check_inputs(inputs)
-        preconditioner = _resolve_preconditioner(self, preconditioner)
         model_fn, vmap_over_data = _model(self.curvature)
         if approximation != "none":
             link = self._link(link)
@@ -919,6 +927,7 @@ class LaplacePosterior(eqx.Module):
         else:
             key, num_samples = None, None
         method = self._method(solve_method, dense_when_small=True)
+        preconditioner = _resolve_preconditioner(self, preconditioner, method)
         inputs = jtu.tree_map(jnp.asarray, inputs)
         outputs = jax.eval_shape(
             jax.vmap(_per_datum(model_fn, vmap_over_data), in_axes=(0, None)),
