@@ -316,8 +316,11 @@ def _draws(
     unravel = _unraveller(structure)
     if method == "dense":
         noise = jax.random.normal(key, (size, num_samples), dtype)
+        # `L^T x = e` as an upper-triangular solve with `L^T` itself: XLA:CPU
+        # runs it 3-4x faster than the transposed solve with `L` (P = 1898,
+        # 20 draws: 3 ms against 10-13 ms), the same numbers.
         draws = jax.scipy.linalg.solve_triangular(
-            _cholesky(posterior), noise, lower=True, trans="T"
+            _cholesky(posterior).T, noise, lower=False
         ).T
         return draws, _report(draws)
     if method == "kfac":
