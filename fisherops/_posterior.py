@@ -492,8 +492,14 @@ def _predictive_body(
 
         jacobians = jax.vmap(rows)(xs)  # (c, O, P)
         flat = jacobians.reshape(-1, flat_params.size)
-        solved, report = inverse(flat)
-        variances = jnp.sum(flat * solved, axis=1)
+        if method == "dense":  # j^T P^{-1} j = |L^{-1} j|^2: one triangular solve
+            half = jax.scipy.linalg.solve_triangular(
+                posterior.cholesky, flat.T, lower=True
+            )
+            variances, report = jnp.sum(half**2, axis=0), _report(half.T)
+        else:
+            solved, report = inverse(flat)
+            variances = jnp.sum(flat * solved, axis=1)
         outputs = batch(xs, params)
         return outputs, variances.reshape(outputs.shape), report
 
