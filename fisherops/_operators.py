@@ -370,7 +370,60 @@ def with_scale(
     )
 
 
-class LinearisedCurvatureOperator(_AbstractScalable):
+class _AbstractWrapper(_AbstractScalable):
+    """A curvature operator with some of its work done once (`linearise()`,
+    `lineax.materialise`): the same numbers, and what the operator holds (its
+    model, params, data, scale) read through."""
+
+    operator: eqx.AbstractVar["AbstractCurvatureOperator | _AbstractWrapper"]
+
+    # What the curvature operator holds, read through.
+
+    @property
+    def scale(self) -> Float[Array, ""]:
+        return self.operator.scale
+
+    @property
+    def model_fn(self) -> ModelFn:
+        return self.operator.model_fn
+
+    @property
+    def params(self) -> PyTree[Float[Array, "..."]]:
+        return self.operator.params
+
+    @property
+    def data(self) -> tuple[PyTree, PyTree]:
+        return self.operator.data
+
+    @property
+    def num_data(self) -> int:
+        return self.operator.num_data
+
+    @property
+    def vmap_over_data(self) -> bool:
+        return self.operator.vmap_over_data
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.operator.chunk_size
+
+    def sqrt_shape(self) -> tuple[int, int]:
+        return self.operator.sqrt_shape()
+
+    def linearise(self) -> "_AbstractWrapper":
+        return self
+
+    def transpose(self) -> "_AbstractWrapper":
+        return self
+
+    def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
+        return self.operator.in_structure()
+
+    def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
+        return self.operator.out_structure()
+
+
+class LinearisedCurvatureOperator(_AbstractWrapper):
     """A curvature operator with its primal work done: see `linearise()`.
 
     It has every method of the curvature operator it came from, with the same
@@ -404,36 +457,6 @@ class LinearisedCurvatureOperator(_AbstractScalable):
             self.output_state = _core.chunked_map(
                 on_chunk, operator.data, operator.num_data, operator.chunk_size
             )
-
-    # What the curvature operator holds, read through.
-
-    @property
-    def scale(self) -> Float[Array, ""]:
-        return self.operator.scale
-
-    @property
-    def model_fn(self) -> ModelFn:
-        return self.operator.model_fn
-
-    @property
-    def params(self) -> PyTree[Float[Array, "..."]]:
-        return self.operator.params
-
-    @property
-    def data(self) -> tuple[PyTree, PyTree]:
-        return self.operator.data
-
-    @property
-    def num_data(self) -> int:
-        return self.operator.num_data
-
-    @property
-    def vmap_over_data(self) -> bool:
-        return self.operator.vmap_over_data
-
-    @property
-    def chunk_size(self) -> int | None:
-        return self.operator.chunk_size
 
     @eqx.filter_jit
     def mv(self, vector):
@@ -493,9 +516,6 @@ class LinearisedCurvatureOperator(_AbstractScalable):
         )
         return _core.scaled(total, jnp.sqrt(operator.scale))
 
-    def sqrt_shape(self) -> tuple[int, int]:
-        return self.operator.sqrt_shape()
-
     @eqx.filter_jit
     def as_matrix(self, algorithm: str | None = None):
         """As `AbstractCurvatureOperator.as_matrix`; the `mv` route uses this
@@ -511,18 +531,6 @@ class LinearisedCurvatureOperator(_AbstractScalable):
         if route == "rows":
             return self.operator.diagonal("rows")
         return _core.dense_from_mv(self.mv, self.in_structure(), diagonal_only=True)
-
-    def linearise(self) -> "LinearisedCurvatureOperator":
-        return self
-
-    def transpose(self):
-        return self
-
-    def in_structure(self):
-        return self.operator.in_structure()
-
-    def out_structure(self):
-        return self.operator.out_structure()
 
 
 class EmpiricalFisherOperator(AbstractCurvatureOperator):
@@ -763,7 +771,7 @@ class GGNOperator(AbstractCurvatureOperator):
         return products.astype(tangents.dtype)
 
 
-class MaterialisedCurvatureOperator(_AbstractScalable):
+class MaterialisedCurvatureOperator(_AbstractWrapper):
     """A curvature operator with its dense matrix computed once: see
     `lineax.materialise(operator)`.
 
@@ -786,36 +794,6 @@ class MaterialisedCurvatureOperator(_AbstractScalable):
                 f"got shape {jnp.shape(self.matrix)}."
             )
 
-    # What the curvature operator holds, read through.
-
-    @property
-    def scale(self) -> Float[Array, ""]:
-        return self.operator.scale
-
-    @property
-    def model_fn(self) -> ModelFn:
-        return self.operator.model_fn
-
-    @property
-    def params(self) -> PyTree[Float[Array, "..."]]:
-        return self.operator.params
-
-    @property
-    def data(self) -> tuple[PyTree, PyTree]:
-        return self.operator.data
-
-    @property
-    def num_data(self) -> int:
-        return self.operator.num_data
-
-    @property
-    def vmap_over_data(self) -> bool:
-        return self.operator.vmap_over_data
-
-    @property
-    def chunk_size(self) -> int | None:
-        return self.operator.chunk_size
-
     @eqx.filter_jit
     def mv(self, vector):
         vector = _check_vector(self, vector)
@@ -825,9 +803,6 @@ class MaterialisedCurvatureOperator(_AbstractScalable):
     def sqrt_mv(self, coefficients: Float[Array, "N K"]) -> PyTree:
         """As `AbstractCurvatureOperator.sqrt_mv`, from the original operator."""
         return self.operator.sqrt_mv(coefficients)
-
-    def sqrt_shape(self) -> tuple[int, int]:
-        return self.operator.sqrt_shape()
 
     def as_matrix(self, algorithm: str | None = None) -> Float[Array, "P P"]:
         """The held `(P, P)` matrix (`algorithm` is checked, then ignored)."""
@@ -840,25 +815,11 @@ class MaterialisedCurvatureOperator(_AbstractScalable):
         _check_algorithm(algorithm)
         return jnp.diagonal(self.matrix)
 
-    def linearise(self) -> "MaterialisedCurvatureOperator":
-        return self
-
-    def transpose(self) -> "MaterialisedCurvatureOperator":
-        return self
-
-    def in_structure(self):
-        return self.operator.in_structure()
-
-    def out_structure(self):
-        return self.operator.out_structure()
-
 
 def unwrapped(operator: lx.AbstractLinearOperator) -> lx.AbstractLinearOperator:
     """The curvature operator under `linearise()` and `lineax.materialise`
     wrappers (itself for any other operator): its likelihood and model."""
-    while isinstance(
-        operator, LinearisedCurvatureOperator | MaterialisedCurvatureOperator
-    ):
+    while isinstance(operator, _AbstractWrapper):
         operator = operator.operator
     return operator
 
@@ -873,8 +834,8 @@ def _(operator):
     return operator.linearise()
 
 
-@lx.linearise.register(LinearisedCurvatureOperator)
-@lx.linearise.register(MaterialisedCurvatureOperator)
+@lx.linearise.register(_AbstractWrapper)
+@lx.materialise.register(MaterialisedCurvatureOperator)
 def _(operator):
     return operator
 
@@ -886,35 +847,23 @@ def _(operator):
     return MaterialisedCurvatureOperator(operator, operator.as_matrix())
 
 
-@lx.materialise.register(MaterialisedCurvatureOperator)
-def _(operator):
-    return operator
-
-
 @lx.diagonal.register(AbstractCurvatureOperator)
-@lx.diagonal.register(LinearisedCurvatureOperator)
-@lx.diagonal.register(MaterialisedCurvatureOperator)
+@lx.diagonal.register(_AbstractWrapper)
 def _(operator):
     return operator.diagonal()
 
 
 @lx.tridiagonal.register(AbstractCurvatureOperator)
-@lx.tridiagonal.register(LinearisedCurvatureOperator)
-@lx.tridiagonal.register(MaterialisedCurvatureOperator)
+@lx.tridiagonal.register(_AbstractWrapper)
 def _(operator):
     matrix = operator.as_matrix()
     return jnp.diagonal(matrix), jnp.diagonal(matrix, -1), jnp.diagonal(matrix, 1)
 
 
 @lx.conj.register(AbstractCurvatureOperator)
-@lx.conj.register(LinearisedCurvatureOperator)
-@lx.conj.register(MaterialisedCurvatureOperator)
+@lx.conj.register(_AbstractWrapper)
 def _(operator):
     return operator
 
 
-register_symmetric_psd(
-    AbstractCurvatureOperator,
-    LinearisedCurvatureOperator,
-    MaterialisedCurvatureOperator,
-)
+register_symmetric_psd(AbstractCurvatureOperator, _AbstractWrapper)
