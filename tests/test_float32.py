@@ -354,7 +354,7 @@ def test_likelihood_closing_over_a_traced_noise_scale():
     except (TypeError, ValueError) as error:  # refusing is allowed, silence is not
         assert "clos" in str(error)
     else:
-        assert actual == pytest.approx(expected, rel=1e-6)
+        assert float(actual) == pytest.approx(float(expected), rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -56,3 +56,12 @@ def test_ci_runs_the_readme_test_command():
     command = 'pip install ".[test]" && python -m pytest -q'
     assert command in README
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ci_runs_in_a_fresh_virtual_environment():
+    """CI sees what a new user sees: the newest versions pyproject.toml allows,
+    nothing left on the machine (issue 19.1: pytest 9.2 broke a test that the
+    machine's older pytest passed)."""
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "-m venv" in script
+    assert script.index("-m venv") < script.index('pip install ".[test]"')
