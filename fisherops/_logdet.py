@@ -34,6 +34,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
 from ._checks import _check_key, _check_method, _check_positive_int
 from ._kfac import KFACOperator
+from ._lanczos import _lanczos, _tridiagonal_eigh
 from ._priors import PriorPrecision
 
 # `"auto"` is dense up to this many params (a float64 `P x P` matrix of this
@@ -157,55 +158,6 @@ def _dense_logdet_jvp(method, primals, tangents):
 # --------------------------------------------------------------------------- #
 
 
-def _lanczos(
-    matvec: Callable[[Array], Array], start: Float[Array, " P"], num_steps: int
-) -> tuple[Float[Array, "m P"], Float[Array, " m"], Float[Array, " m-1"]]:
-    """`num_steps` of fully reorthogonalised Lanczos from one start vector.
-
-    Returns the orthonormal basis `Q` (rows) and the tridiagonal `T = Q M Q^T` as
-    its diagonal and off-diagonal. On breakdown (an invariant subspace found
-    before `num_steps`) the remaining rows of `Q` are zero and `T` continues with
-    a decoupled identity block, which carries zero quadrature weight. Memory:
-    `(num_steps + 1) x P`.
-    """
-    dtype = start.dtype
-    tiny = 100 * jnp.finfo(dtype).eps
-    basis = jnp.zeros((num_steps + 1, start.size), dtype)
-    basis = basis.at[0].set(start / jnp.linalg.norm(start))
-
-    def step(i, carry):
-        basis, diagonal, off, alive = carry
-        q = basis[i]
-        w = matvec(q)
-        alpha = q @ w
-        size = jnp.linalg.norm(w)
-        # The three-term recurrence, then one classical Gram-Schmidt pass against
-        # the whole basis (rows not reached yet are zero).
-        w = w - alpha * q - off[jnp.maximum(i - 1, 0)] * basis[jnp.maximum(i - 1, 0)]
-        w = w - (basis @ w) @ basis
-        beta = jnp.linalg.norm(w)
-        broken = ~alive | (beta <= tiny * size)
-        scale = jnp.where(broken, 0, 1 / jnp.where(broken, 1, beta))
-        basis = basis.at[i + 1].set(w * scale)
-        diagonal = diagonal.at[i].set(jnp.where(alive, alpha, 1))
-        off = off.at[i].set(jnp.where(broken, 0, beta))
-        return basis, diagonal, off, ~broken
-
-    zeros = jnp.zeros(num_steps, dtype)
-    basis, diagonal, off, _ = lax.fori_loop(
-        0, num_steps, step, (basis, zeros, zeros, jnp.asarray(True))
-    )
-    return basis[:num_steps], diagonal, off[: num_steps - 1]
-
-
-def _ritz(
-    diagonal: Float[Array, " m"], off: Float[Array, " m-1"]
-) -> tuple[Float[Array, " m"], Float[Array, "m m"]]:
-    """Eigenvalues and eigenvectors of one small tridiagonal (unbatched LAPACK)."""
-    tridiagonal = jnp.diag(diagonal) + jnp.diag(off, 1) + jnp.diag(off, -1)
-    return jnp.linalg.eigh(tridiagonal)
-
-
 def _probe(key: PRNGKeyArray, index: Array, size: int, dtype) -> Float[Array, " P"]:
     return jax.random.rademacher(jax.random.fold_in(key, index), (size,), dtype)
 
@@ -246,7 +198,7 @@ def _slq_logdet(
         log_forms, inverse_diagonal, coupling = carry
         probe = _probe(key, index, size, diagonal.dtype)
         basis, alphas, betas = _lanczos(preconditioned_mv, probe, num_steps)
-        theta, vectors = _ritz(alphas, betas)
+        theta, vectors = _tridiagonal_eigh(alphas, betas)
         theta = jnp.maximum(theta, 1)
         first = vectors[0]
         norm = jnp.sqrt(jnp.asarray(size, diagonal.dtype))  # |v| of a Rademacher probe
@@ -291,7 +243,7 @@ def _slq_spectrum(
     def one_probe(index):
         probe = _probe(key, index, size, dtype)
         _, alphas, betas = _lanczos(curvature_mv, probe, num_steps)
-        theta, vectors = _ritz(alphas, betas)
+        theta, vectors = _tridiagonal_eigh(alphas, betas)
         return jnp.maximum(theta, 0), size * vectors[0] ** 2 / num_probes
 
     return lax.map(one_probe, jnp.arange(num_probes))
