@@ -20,6 +20,7 @@ from ._likelihoods import AbstractLikelihood as AbstractLikelihood
 from ._likelihoods import BinaryCrossEntropy as BinaryCrossEntropy
 from ._likelihoods import CrossEntropy as CrossEntropy
 from ._likelihoods import Gaussian as Gaussian
+from ._likelihoods import HeteroscedasticGaussian as HeteroscedasticGaussian
 from ._likelihoods import Likelihood as Likelihood
 from ._likelihoods import has_sampler as has_sampler
 from ._models import from_equinox as from_equinox

@@ -9,8 +9,9 @@ nowhere else.
 """
 
 import abc
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -80,6 +81,16 @@ class AbstractLikelihood(eqx.Module):
 
         hessian = jax.vmap(column)(jnp.eye(size, dtype=jnp.result_type(output)))
         return _psd_sqrt((hessian + hessian.T) / 2)
+
+    def log_normaliser(self, output: Float[Array, "*O"]) -> Scalar:
+        """`log Z(f) = log ∫ exp(-c(y, f)) dy`, so that
+        `log r(y | f) = -c(y, f) - log Z(f)`.
+
+        The evidence needs it where it depends on what is tuned (a noise scale);
+        default 0, i.e. `loss` is the exact negative log-likelihood.
+        """
+        del output
+        return jnp.zeros(())
 
     def prepare_targets(self, targets: PyTree, outputs: Array) -> PyTree:
         """Check a BATCH of targets against the batch of outputs `(N, *O)`.
@@ -238,6 +249,9 @@ class MSE(AbstractLikelihood):
         eye = jnp.eye(jnp.size(output), dtype=output.dtype)
         return jnp.sqrt(jnp.asarray(2.0, output.dtype)) * eye
 
+    def log_normaliser(self, output):
+        return jnp.size(output) * jnp.log(jnp.asarray(math.pi, output.dtype)) / 2
+
     def prepare_targets(self, targets, outputs):
         return _real_targets("mse", targets, outputs, "floats")
 
@@ -285,8 +299,144 @@ class Gaussian(AbstractLikelihood):
     def hessian_sqrt(self, output, target):
         return jnp.diag(jnp.sqrt(self._precision(output)).reshape(-1))
 
+    def log_normaliser(self, output):
+        return jnp.sum(jnp.log(2 * math.pi / self._precision(output))) / 2
+
     def prepare_targets(self, targets, outputs):
         return _real_targets("Gaussian", targets, outputs, "floats")
+
+
+Parametrisation = Literal["log_variance", "natural"]
+
+
+class HeteroscedasticGaussian(AbstractLikelihood):
+    r"""Gaussian noise whose variance the network predicts: `r(y | f) = N(μ, σ²)`.
+
+    The network's output for one datum is `(..., 2)`: the last axis holds two
+    numbers per target (the leading axes, if any, index several targets of the
+    datum, e.g. outputs `(O, 2)` for `O` targets). A network with a flat `(2 O,)`
+    head returns `f.reshape(O, 2)`. Targets are floats of the output's shape
+    without the last axis (for outputs `(N, 2)` also `(N, 1)`).
+
+    `parametrisation="log_variance"` (default): `f = (μ, s)`, `σ² = e^s`,
+
+    $$c = rac{(y - μ)^2}{2 e^{s}} + rac{s}{2}, \qquad
+    g = \Big((μ - y) e^{-s},\; 	frac12 - 	frac{(y - μ)^2}{2 e^{s}}\Big).$$
+
+    The loss's Hessian in `(μ, s)` is not positive semi-definite; the curvature
+    uses the Fisher of `N(μ, e^s)` instead, `diag(e^{-s}, 1/2)` (its square root
+    `diag(e^{-s/2}, 1/√2)`), which is the expected Hessian: the GGN is the exact
+    Fisher and the Monte-Carlo Fisher, with draws `y ~ N(μ, e^s)`, estimates it.
+
+    `parametrisation="natural"` (Immer et al. 2023): `f = (η₁, η₂)` with
+    `η₁ = μ / σ²`, `η₂ = -1 / (2σ²) < 0` (end the network with a link such as
+    `η₂ = -softplus(·)` or `-exp(·) / 2`),
+
+    $$c = -η_1 y - η_2 y^2 - rac{η_1^2}{4 η_2} - 	frac12 \log(-2 η_2),
+    \qquad g = (μ - y,\; μ^2 + σ^2 - y^2).$$
+
+    The loss is convex in `η` and its Hessian, the covariance of `(y, y²)`,
+    `[[σ², 2μσ²], [2μσ², 2σ⁴ + 4μ²σ²]]`, is the Fisher: the GGN is the loss's own
+    Hessian (square root `[[σ, 0], [2μσ, √2 σ²]]`).
+
+    Both leave out the constant `log √(2π)` per target (see `log_normaliser`).
+    The linearised predictive (`LaplacePosterior.predictive(...,
+    approximation="none")`) gives the mean and epistemic variance of both
+    outputs.
+
+    **Arguments:**
+
+    - `parametrisation`: `"log_variance"` or `"natural"`.
+    """
+
+    parametrisation: str = eqx.field(static=True)
+
+    def __init__(self, parametrisation: Parametrisation = "log_variance"):
+        if parametrisation not in ("log_variance", "natural"):
+            raise ValueError(
+                "parametrisation must be 'log_variance' or 'natural'; got "
+                f"{parametrisation!r}."
+            )
+        self.parametrisation = parametrisation
+
+    def mean_variance(
+        self, output: Float[Array, "*M 2"]
+    ) -> tuple[Float[Array, "*M"], Float[Array, "*M"]]:
+        """`(μ, σ²)` of `r(y | f)`, each shaped like `output` without its last axis."""
+        first, second = output[..., 0], output[..., 1]
+        if self.parametrisation == "log_variance":
+            return first, jnp.exp(second)
+        variance = -0.5 / second
+        return first * variance, variance
+
+    def loss(self, output, target):
+        first, second = output[..., 0], output[..., 1]
+        if self.parametrisation == "log_variance":
+            return jnp.sum((target - first) ** 2 * jnp.exp(-second) + second) / 2
+        return jnp.sum(
+            -first * target
+            - second * target**2
+            - first**2 / (4 * second)
+            - jnp.log(-2 * second) / 2
+        )
+
+    def sample(self, key, output):
+        mean, variance = self.mean_variance(output)
+        noise = jax.random.normal(key, mean.shape, output.dtype)
+        return mean + noise * jnp.sqrt(variance)
+
+    def output_grad(self, output, target):
+        mean, variance = self.mean_variance(output)
+        residual = mean - target
+        if self.parametrisation == "log_variance":
+            return jnp.stack(
+                [residual / variance, (1 - residual**2 / variance) / 2], -1
+            )
+        return jnp.stack([residual, mean**2 + variance - target**2], -1)
+
+    def _fisher_sqrt(self, output) -> Float[Array, "*M 2 2"]:
+        """The square root `L` (`L Lᵀ` the Fisher) of each target's `2 x 2` block."""
+        mean, variance = self.mean_variance(output)
+        std = jnp.sqrt(variance)
+        zero = jnp.zeros_like(mean)
+        if self.parametrisation == "log_variance":
+            half = jnp.full_like(mean, math.sqrt(0.5))
+            rows = [[1 / std, zero], [zero, half]]
+        else:
+            rows = [[std, zero], [2 * mean * std, math.sqrt(2) * variance]]
+        return jnp.stack([jnp.stack(row, -1) for row in rows], -2)
+
+    def hessian_mv(self, output, target, tangent):
+        """`F t` with `F` the Fisher (the natural parametrisation's Hessian)."""
+        root = self._fisher_sqrt(output)
+        return jnp.einsum("...ij,...kj,...k->...i", root, root, tangent)
+
+    def hessian_sqrt(self, output, target):
+        """The block-diagonal `(2 M, 2 M)` square root of the Fisher, `M` targets."""
+        root = self._fisher_sqrt(output).reshape(-1, 2, 2)
+        count = root.shape[0]
+        eye = jnp.eye(count, dtype=root.dtype)
+        return jnp.einsum("mij,mn->minj", root, eye).reshape(2 * count, 2 * count)
+
+    def log_normaliser(self, output):
+        count = jnp.size(output) // 2
+        return count * jnp.log(jnp.asarray(2 * math.pi, output.dtype)) / 2
+
+    def prepare_targets(self, targets, outputs):
+        name = "HeteroscedasticGaussian"
+        if outputs.ndim < 2 or outputs.shape[-1] != 2:
+            raise ValueError(
+                f"likelihood {name} needs model_fn to return (..., 2) per datum (the "
+                "two parameters of each target's Gaussian on the last axis; reshape "
+                f"a flat (2 O,) head to (O, 2)); got outputs {outputs.shape}."
+            )
+        shape = outputs.shape[:-1]
+        targets = _array_targets(name, targets)
+        if len(shape) == 1 and targets.shape == (*shape, 1):
+            targets = targets[:, 0]
+        return _real_targets(
+            name, targets, jax.ShapeDtypeStruct(shape, outputs.dtype), "floats"
+        )
 
 
 class CrossEntropy(AbstractLikelihood):
