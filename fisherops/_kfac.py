@@ -22,9 +22,10 @@ scalar per params leaf): the bias row's different precision is a rank-one update
 in the `A` factor, handled by Sherman-Morrison per eigenvalue of `G`.
 """
 
+import abc
 import functools as ft
 from collections.abc import Callable, Hashable
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import equinox as eqx
 import jax
@@ -38,6 +39,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Real, Scalar
 from . import _core, _layers
 from ._checks import _check_like, _check_method
 from ._operators import (
+    AbstractCurvatureOperator,
     EmpiricalFisherOperator,
     GGNOperator,
     MCFisherOperator,
@@ -73,9 +75,13 @@ def _gram(rows: Float[Array, "m d"]) -> Float[Array, "d d"]:
     return jnp.matmul(rows.T, rows, precision=_HIGHEST)
 
 
-@eqx.filter_jit
-def _factors(curvature, structure: _layers.Structure, single: _PerDatum):
-    """`(A_l, G_l)` sums for every layer and the other params' squared gradients.
+def _per_datum(curvature, structure: _layers.Structure, single: _PerDatum):
+    """`terms(chunk, indices, weights)`: each layer's inputs and output gradients.
+
+    For every layer, the inputs `a (n, R, D_in (+1))` (a 1 appended for the bias)
+    and the backpropagations `g (K, n, R, D_out)` of the `K` likelihood factor
+    columns to its output; and, for each other param, the per-datum gradients
+    `(K, n, ...)`. Padding points (weight 0) get zero `a` and `g`.
 
     One batched pass per chunk: a forward pass with zero taps on the layer outputs
     that records the layer inputs, then `K` `vjp`s to the taps (and to per-datum
@@ -83,8 +89,7 @@ def _factors(curvature, structure: _layers.Structure, single: _PerDatum):
     """
     params = curvature.params
     leaves = jtu.tree_leaves(params)
-    inputs, _ = curvature.data
-    jaxpr = _layers.flat_jaxpr(single, params, _example(inputs))
+    jaxpr = _layers.flat_jaxpr(single, params, _example(curvature.data[0]))
     layers, other = structure.layers, structure.other
     eqns = jaxpr.jaxpr.eqns
     tap_dtypes = [eqns[layer.eqn].outvars[0].aval.dtype for layer in layers]
@@ -95,7 +100,7 @@ def _factors(curvature, structure: _layers.Structure, single: _PerDatum):
             p[i] = value
         return _layers.run_tapped(jaxpr, structure, p, x_leaves, taps)
 
-    def on_chunk(chunk, indices, weights):
+    def terms(chunk, indices, weights):
         chunk_inputs, chunk_targets = chunk
         n = indices.shape[0]
         taps = tuple(
@@ -115,29 +120,44 @@ def _factors(curvature, structure: _layers.Structure, single: _PerDatum):
         b = b * weights[:, None, None].astype(b.dtype)
         cotangents = jnp.moveaxis(b, 2, 0).reshape((b.shape[2], *outputs.shape))
         tap_grads, other_grads = jax.vmap(vjp_fn)(cotangents)
-        input_sums, gradient_sums = [], []
+        layer_terms = []
         for layer, operand, g in zip(layers, activations, tap_grads, strict=True):
             a = jax.vmap(layer.inputs)(operand)  # (n, R, D_in)
             if layer.bias is not None:
                 a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], -1)
             a = a * weights[:, None, None].astype(a.dtype)
-            input_sums.append(_gram(a.reshape(-1, layer.size)))
-            # (K, n, R, D_out), contracted over (K, n, R) without a reshape that
-            # would gather data sharded along n.
             rows = jax.vmap(
                 jax.vmap(ft.partial(_layers.apply_chain, layer.output_chain))
             )
-            g = rows(g)
-            gradient_sums.append(jnp.einsum("knrd,knre->de", g, g, precision=_HIGHEST))
+            layer_terms.append((a, rows(g)))  # g: (K, n, R, D_out)
+        return tuple(layer_terms), other_grads
+
+    return terms
+
+
+@eqx.filter_jit
+def _factors(curvature, structure: _layers.Structure, single: _PerDatum):
+    """`(A_l, G_l)` for every layer and the other params' squared gradients."""
+    terms = _per_datum(curvature, structure, single)
+
+    def on_chunk(chunk, indices, weights):
+        layer_terms, other_grads = terms(chunk, indices, weights)
+        input_sums = tuple(_gram(a.reshape(-1, a.shape[-1])) for a, _ in layer_terms)
+        # Contracted over (K, n, R) without a reshape that would gather data
+        # sharded along n.
+        gradient_sums = tuple(
+            jnp.einsum("knrd,knre->de", g, g, precision=_HIGHEST)
+            for _, g in layer_terms
+        )
         squares = tuple(jnp.sum(jnp.square(g), axis=(0, 1)) for g in other_grads)
-        return tuple(input_sums), tuple(gradient_sums), squares
+        return input_sums, gradient_sums, squares
 
     input_sums, gradient_sums, squares = _core.chunked_sum(
         on_chunk, curvature.data, curvature.num_data, curvature.chunk_size
     )
     input_covariances = tuple(
         s / (curvature.num_data * layer.rows)
-        for s, layer in zip(input_sums, layers, strict=True)
+        for s, layer in zip(input_sums, structure.layers, strict=True)
     )
     return input_covariances, gradient_sums, squares
 
@@ -171,7 +191,199 @@ def _scaled(x: Array, scale: Array) -> Array:
 Kind = Literal["ggn", "mc", "ef"]
 
 
-class KFACOperator(_AbstractScalable):
+def _setup(
+    model_fn: Callable,
+    params: PyTree,
+    data: Any,
+    loss_fn: Any,
+    *,
+    kind: str,
+    key: PRNGKeyArray | None,
+    mc_samples: int,
+    other: str,
+    layers: PyTree[Hashable | None] | None,
+    **common,
+) -> tuple[AbstractCurvatureOperator, _layers.Structure, _PerDatum]:
+    """The exact operator of `kind` (data, likelihood factors, scale, chunking), the
+    layer structure and the per-datum model, for a Kronecker operator's factors."""
+    _check_method("kind", kind, ("ggn", "mc", "ef"))
+    _check_method("other", other, ("diagonal", "error"))
+    if kind == "ggn":
+        curvature = GGNOperator(model_fn, params, data, loss_fn, **common)
+    elif kind == "mc":
+        curvature = MCFisherOperator(
+            model_fn, params, data, loss_fn, key, mc_samples=mc_samples, **common
+        )
+    else:
+        curvature = EmpiricalFisherOperator(model_fn, params, data, loss_fn, **common)
+    single = _PerDatum(curvature.model_fn, common["vmap_over_data"])
+    structure = _layers.structure(
+        single, curvature.params, _example(curvature.data[0]), layers, other
+    )
+    return curvature, structure, single
+
+
+class _AbstractKronecker(_AbstractScalable):
+    """A curvature approximation that is block-diagonal over the model's layers,
+    each block `scale (U ⊗ Q) diag(vec E) (U ⊗ Q)^T` in the Kronecker eigenbasis of
+    the layer's factors `A = U diag(α) U^T`, `G = Q diag(γ) Q^T`, and diagonal on
+    the params in no layer.
+
+    The concrete operators (KFAC: `E = α γ^T`; EKFAC) give each block's product,
+    matrix, diagonal and eigenvalues `E`; the damped algebra of `K + Λ` (inverse,
+    log-determinant, square root) is written once here, on `U`, `Q` and `E`.
+    """
+
+    params: eqx.AbstractVar[PyTree[Float[Array, "..."]]]
+    scale: eqx.AbstractVar[Float[Array, ""]]
+    other_diagonals: eqx.AbstractVar[tuple[Float[Array, "..."], ...]]
+    structure: eqx.AbstractVar[_layers.Structure]
+
+    @abc.abstractmethod
+    def _block_mv(self, index: int, block: Array) -> Array:
+        """Layer `index`'s block (without `scale`) times `block (D_in (+1), D_out)`."""
+
+    @abc.abstractmethod
+    def _block_matrix(self, index: int) -> Array:
+        """Layer `index`'s block (without `scale`) as a dense matrix."""
+
+    @abc.abstractmethod
+    def _block_diagonal(self, index: int) -> Array:
+        """Layer `index`'s block diagonal (without `scale`) as `(D_in (+1), D_out)`."""
+
+    @abc.abstractmethod
+    def _spectrum(self) -> tuple[tuple[Array, Array, Array], ...]:
+        """`(U, Q, E)` per layer: `E (D_in (+1), D_out)` the block's eigenvalues
+        (without `scale`) in the eigenbasis `U ⊗ Q`."""
+
+    @property
+    def layers(self) -> PyTree[int | None]:
+        """Params-shaped labels: the layer index of each leaf, `None` if in none."""
+        return _layers.labels(self.params, self.structure)
+
+    @eqx.filter_jit
+    def mv(self, vector: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
+        _check_like("vector", vector, self.in_structure())
+        leaves, treedef = jtu.tree_flatten(vector)
+        out = list(leaves)
+        for index, layer in enumerate(self.structure.layers):
+            product = self._block_mv(index, _block(layer, leaves))
+            _unblock(layer, _scaled(product, self.scale), leaves, out)
+        for i, d in zip(self.structure.other, self.other_diagonals, strict=True):
+            out[i] = _scaled(d * leaves[i], self.scale)
+        return jtu.tree_unflatten(treedef, out)
+
+    @eqx.filter_jit
+    def as_matrix(self) -> Float[Array, "P P"]:
+        """The dense `(P, P)` matrix in `ravel_pytree` order."""
+        structure = jtu.tree_leaves(self.in_structure())
+        offsets = np.cumsum([0] + [s.size for s in structure])
+        indices = [
+            np.arange(s.size).reshape(s.shape) + offset
+            for s, offset in zip(structure, offsets, strict=False)
+        ]
+        dtype = jnp.result_type(*structure)
+        matrix = jnp.zeros((offsets[-1], offsets[-1]), dtype)
+        for index, layer in enumerate(self.structure.layers):
+            rows = np.asarray(_block_indices(layer, indices)).reshape(-1)
+            block = self._block_matrix(index).astype(dtype)
+            matrix = matrix.at[np.ix_(rows, rows)].set(block)
+        for i, d in zip(self.structure.other, self.other_diagonals, strict=True):
+            rows = indices[i].reshape(-1)
+            matrix = matrix.at[rows, rows].set(d.reshape(-1).astype(dtype))
+        return _scaled(matrix, self.scale)
+
+    @eqx.filter_jit
+    def diagonal(self) -> Float[Array, " P"]:
+        """The exact diagonal of the matrix: flat `(P,)`, `ravel_pytree` order."""
+        leaves = jtu.tree_leaves(self.params)
+        out = [jnp.zeros_like(leaf) for leaf in leaves]
+        for index, layer in enumerate(self.structure.layers):
+            _unblock(layer, self._block_diagonal(index), leaves, out)
+        for i, d in zip(self.structure.other, self.other_diagonals, strict=True):
+            out[i] = d.astype(leaves[i].dtype)
+        return _scaled(jfu.ravel_pytree(out)[0], self.scale)
+
+    def transpose(self) -> Self:
+        return self
+
+    def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
+        return _structure(self.params)
+
+    def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
+        return _structure(self.params)
+
+    # ----------------------------------------------------------------------- #
+    # The damped algebra.
+    # ----------------------------------------------------------------------- #
+
+    def _prior(self, prior_precision) -> PriorPrecision:
+        if not isinstance(prior_precision, PriorPrecision):
+            prior_precision = PriorPrecision(self.params, prior_precision)
+        _check_like(
+            "prior_precision", prior_precision.full_diagonal(), self.in_structure()
+        )
+        return prior_precision
+
+    def is_exact(self, prior_precision) -> bool:
+        """Whether `inverse`, `logdet` and `inverse_sqrt_mv` are exact for this prior.
+
+        They are when the prior precision is one scalar on each layer's weight and
+        one on its bias (a scalar prior, or one scalar per params leaf). A prior
+        that varies within a layer's weight or bias (a full diagonal) is replaced,
+        in those layers only, by its mean over the weight and over the bias: the
+        inverse is then the exact inverse of that nearby matrix, a good
+        preconditioner for CG on `K + Λ`.
+        """
+        precision = jtu.tree_leaves(self._prior(prior_precision).per_leaf())
+        return all(
+            jnp.ndim(precision[i]) == 0
+            for layer in self.structure.layers
+            for i in (layer.weight, layer.bias)
+            if i is not None
+        )
+
+    def inverse(self, prior_precision) -> "KFACInverse":
+        """`(K + Λ)^{-1}` as a symmetric PSD lineax operator on params.
+
+        Exact when `is_exact(prior_precision)`; otherwise the exact inverse of `K`
+        plus the prior averaged within each layer's weight and bias. Pass it as
+        `lx.CG`'s preconditioner: `lx.linear_solve(ggn + prior, b, lx.CG(...),
+        options={"preconditioner": kfac.inverse(prior)})`.
+
+        - `prior_precision`: a [`fisherops.PriorPrecision`][] or what
+          `PriorPrecision(params, ·)` accepts.
+        """
+        return KFACInverse(_damp(self, self._prior(prior_precision)))
+
+    def logdet(self, prior_precision) -> Scalar:
+        """`log det(K + Λ)`, exact; raises when `is_exact(prior_precision)` is False."""
+        self._require_exact(prior_precision, "logdet")
+        return _logdet(_damp(self, self._prior(prior_precision)))
+
+    def inverse_sqrt_mv(
+        self, prior_precision, noise: PyTree[Float[Array, "..."]]
+    ) -> PyTree[Float[Array, "..."]]:
+        """`S e` with `S S^T = (K + Λ)^{-1}`: with `e ~ N(0, I)`, a draw of
+        `N(0, (K + Λ)^{-1})`. `S` is the symmetric square root when the prior is
+        the same on a layer's weight and bias. Raises when
+        `is_exact(prior_precision)` is False.
+        """
+        self._require_exact(prior_precision, "inverse_sqrt_mv")
+        _check_like("noise", noise, self.in_structure())
+        return _inverse_sqrt_mv(_damp(self, self._prior(prior_precision)), noise)
+
+    def _require_exact(self, prior_precision, name: str) -> None:
+        if not self.is_exact(prior_precision):
+            raise ValueError(
+                f"{type(self).__name__}.{name} is exact only for a prior precision "
+                "that is one scalar per layer weight and bias (a scalar, or one "
+                "scalar per params leaf); got a prior that varies within a layer. "
+                "Use inverse(prior_precision) as a CG preconditioner instead."
+            )
+
+
+class KFACOperator(_AbstractKronecker):
     r"""Kronecker-factored GGN / Fisher as a symmetric PSD lineax operator.
 
     Block-diagonal over the model's layers, each block `scale A ⊗ G` (see the
@@ -241,27 +453,20 @@ class KFACOperator(_AbstractScalable):
         other: Literal["diagonal", "error"] = "diagonal",
         layers: PyTree[Hashable | None] | None = None,
     ):
-        _check_method("kind", kind, ("ggn", "mc", "ef"))
-        _check_method("other", other, ("diagonal", "error"))
-        common = dict(
+        curvature, structure, single = _setup(
+            model_fn,
+            params,
+            data,
+            loss_fn,
+            kind=kind,
+            key=key,
+            mc_samples=mc_samples,
+            other=other,
+            layers=layers,
             num_curv_samples=num_curv_samples,
             num_total_samples=num_total_samples,
             vmap_over_data=vmap_over_data,
             chunk_size=chunk_size,
-        )
-        if kind == "ggn":
-            curvature = GGNOperator(model_fn, params, data, loss_fn, **common)
-        elif kind == "mc":
-            curvature = MCFisherOperator(
-                model_fn, params, data, loss_fn, key, mc_samples=mc_samples, **common
-            )
-        else:
-            curvature = EmpiricalFisherOperator(
-                model_fn, params, data, loss_fn, **common
-            )
-        single = _PerDatum(curvature.model_fn, vmap_over_data)
-        structure = _layers.structure(
-            single, curvature.params, _example(curvature.data[0]), layers, other
         )
         inputs, gradients, others = _factors(curvature, structure, single)
         self.model_fn = curvature.model_fn
@@ -278,88 +483,7 @@ class KFACOperator(_AbstractScalable):
         self.structure = structure
 
     def __repr__(self) -> str:
-        scale = self.scale
-        if not isinstance(scale, jax.core.Tracer):
-            scale = float(np.asarray(scale))
-        blocks = ", ".join(
-            f"{layer.kind} ({layer.d_in}{' + 1' if layer.bias is not None else ''}) "
-            f"x {layer.d_out}"
-            for layer in self.structure.layers
-        )
-        return (
-            f"KFACOperator(kind={self.kind!r}, scale={scale}, "
-            f"num_data={self.num_data}, layers=[{blocks}], "
-            f"other_leaves={len(self.structure.other)}, "
-            f"decomposed={self.eigendecompositions is not None})"
-        )
-
-    @property
-    def layers(self) -> PyTree[int | None]:
-        """Params-shaped labels: the layer index of each leaf, `None` if in none."""
-        return _layers.labels(self.params, self.structure)
-
-    @eqx.filter_jit
-    def mv(self, vector: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
-        _check_like("vector", vector, self.in_structure())
-        leaves, treedef = jtu.tree_flatten(vector)
-        out = list(leaves)
-        for layer, a, g in self._blocks():
-            product = jnp.matmul(a, _block(layer, leaves), precision=_HIGHEST)
-            _unblock(layer, _scaled(product @ g, self.scale), leaves, out)
-        for i, d in zip(self.structure.other, self.other_diagonals, strict=True):
-            out[i] = _scaled(d * leaves[i], self.scale)
-        return jtu.tree_unflatten(treedef, out)
-
-    @eqx.filter_jit
-    def as_matrix(self) -> Float[Array, "P P"]:
-        """The dense `(P, P)` KFAC matrix in `ravel_pytree` order."""
-        structure = jtu.tree_leaves(self.in_structure())
-        offsets = np.cumsum([0] + [s.size for s in structure])
-        indices = [
-            np.arange(s.size).reshape(s.shape) + offset
-            for s, offset in zip(structure, offsets, strict=False)
-        ]
-        dtype = jnp.result_type(*structure)
-        matrix = jnp.zeros((offsets[-1], offsets[-1]), dtype)
-        for layer, a, g in self._blocks():
-            index = np.asarray(_block_indices(layer, indices)).reshape(-1)
-            matrix = matrix.at[np.ix_(index, index)].set(jnp.kron(a, g).astype(dtype))
-        for i, d in zip(self.structure.other, self.other_diagonals, strict=True):
-            index = indices[i].reshape(-1)
-            matrix = matrix.at[index, index].set(d.reshape(-1).astype(dtype))
-        return _scaled(matrix, self.scale)
-
-    @eqx.filter_jit
-    def diagonal(self) -> Float[Array, " P"]:
-        """The exact diagonal of the KFAC matrix: flat `(P,)`, `ravel_pytree` order."""
-        leaves = jtu.tree_leaves(self.params)
-        out = [jnp.zeros_like(leaf) for leaf in leaves]
-        for layer, a, g in self._blocks():
-            _unblock(layer, jnp.outer(jnp.diagonal(a), jnp.diagonal(g)), leaves, out)
-        for i, d in zip(self.structure.other, self.other_diagonals, strict=True):
-            out[i] = d.astype(leaves[i].dtype)
-        return _scaled(jfu.ravel_pytree(out)[0], self.scale)
-
-    def transpose(self) -> "KFACOperator":
-        return self
-
-    def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
-        return _structure(self.params)
-
-    def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
-        return _structure(self.params)
-
-    def _blocks(self):
-        return zip(
-            self.structure.layers,
-            self.input_covariances,
-            self.gradient_covariances,
-            strict=True,
-        )
-
-    # ----------------------------------------------------------------------- #
-    # The damped algebra.
-    # ----------------------------------------------------------------------- #
+        return _repr(self, decomposed=self.eigendecompositions is not None)
 
     def decompose(self) -> "KFACOperator":
         """The same operator holding the eigendecompositions of every `A` and `G`.
@@ -371,74 +495,52 @@ class KFACOperator(_AbstractScalable):
         return eqx.tree_at(
             lambda op: op.eigendecompositions,
             self,
-            _eigendecompositions(self),
+            _eigendecompositions(self.input_covariances, self.gradient_covariances),
             is_leaf=lambda x: x is None,
         )
 
-    def _prior(self, prior_precision) -> PriorPrecision:
-        if not isinstance(prior_precision, PriorPrecision):
-            prior_precision = PriorPrecision(self.params, prior_precision)
-        _check_like(
-            "prior_precision", prior_precision.full_diagonal(), self.in_structure()
-        )
-        return prior_precision
+    def _block_mv(self, index: int, block: Array) -> Array:
+        a, g = self.input_covariances[index], self.gradient_covariances[index]
+        product = jnp.matmul(a, block, precision=_HIGHEST)
+        return jnp.matmul(product, g, precision=_HIGHEST)
 
-    def is_exact(self, prior_precision) -> bool:
-        """Whether `inverse`, `logdet` and `inverse_sqrt_mv` are exact for this prior.
+    def _block_matrix(self, index: int) -> Array:
+        return jnp.kron(self.input_covariances[index], self.gradient_covariances[index])
 
-        They are when the prior precision is one scalar on each layer's weight and
-        one on its bias (a scalar prior, or one scalar per params leaf). A prior
-        that varies within a layer's weight or bias (a full diagonal) is replaced,
-        in those layers only, by its mean over the weight and over the bias: the
-        inverse is then the exact inverse of that nearby matrix, a good
-        preconditioner for CG on `K + Λ`.
-        """
-        precision = jtu.tree_leaves(self._prior(prior_precision).per_leaf())
-        return all(
-            jnp.ndim(precision[i]) == 0
-            for layer in self.structure.layers
-            for i in (layer.weight, layer.bias)
-            if i is not None
+    def _block_diagonal(self, index: int) -> Array:
+        return jnp.outer(
+            jnp.diagonal(self.input_covariances[index]),
+            jnp.diagonal(self.gradient_covariances[index]),
         )
 
-    def inverse(self, prior_precision) -> "KFACInverse":
-        """`(K + Λ)^{-1}` as a symmetric PSD lineax operator on params.
-
-        Exact when `is_exact(prior_precision)`; otherwise the exact inverse of `K`
-        plus the prior averaged within each layer's weight and bias. Pass it as
-        `lx.CG`'s preconditioner: `lx.linear_solve(ggn + prior, b, lx.CG(...),
-        options={"preconditioner": kfac.inverse(prior)})`.
-
-        - `prior_precision`: a [`fisherops.PriorPrecision`][] or what
-          `PriorPrecision(params, ·)` accepts.
-        """
-        return KFACInverse(_damp(self, self._prior(prior_precision)))
-
-    def logdet(self, prior_precision) -> Scalar:
-        """`log det(K + Λ)`, exact; raises when `is_exact(prior_precision)` is False."""
-        self._require_exact(prior_precision, "logdet")
-        return _logdet(_damp(self, self._prior(prior_precision)))
-
-    def inverse_sqrt_mv(
-        self, prior_precision, noise: PyTree[Float[Array, "..."]]
-    ) -> PyTree[Float[Array, "..."]]:
-        """`S e` with `S S^T = (K + Λ)^{-1}`: with `e ~ N(0, I)`, a draw of
-        `N(0, (K + Λ)^{-1})`. `S` is the symmetric square root when the prior is
-        the same on a layer's weight and bias. Raises when
-        `is_exact(prior_precision)` is False.
-        """
-        self._require_exact(prior_precision, "inverse_sqrt_mv")
-        _check_like("noise", noise, self.in_structure())
-        return _inverse_sqrt_mv(_damp(self, self._prior(prior_precision)), noise)
-
-    def _require_exact(self, prior_precision, name: str) -> None:
-        if not self.is_exact(prior_precision):
-            raise ValueError(
-                f"KFACOperator.{name} is exact only for a prior precision that is one "
-                "scalar per layer weight and bias (a scalar, or one scalar per params "
-                "leaf); got a prior that varies within a layer. Use "
-                "inverse(prior_precision) as a CG preconditioner instead."
+    def _spectrum(self) -> tuple[tuple[Array, Array, Array], ...]:
+        eigen = self.eigendecompositions
+        if eigen is None:
+            eigen = _eigendecompositions(
+                self.input_covariances, self.gradient_covariances
             )
+        return tuple((u, q, jnp.outer(alpha, gamma)) for u, alpha, q, gamma in eigen)
+
+
+def _repr(op: _AbstractKronecker, **extra) -> str:
+    scale = op.scale
+    if not isinstance(scale, jax.core.Tracer):
+        scale = float(np.asarray(scale))
+    blocks = ", ".join(
+        f"{layer.kind} ({layer.d_in}{' + 1' if layer.bias is not None else ''}) "
+        f"x {layer.d_out}"
+        for layer in op.structure.layers
+    )
+    fields = {
+        "kind": repr(op.kind),
+        "scale": scale,
+        "num_data": op.num_data,
+        "layers": f"[{blocks}]",
+        "other_leaves": len(op.structure.other),
+        **extra,
+    }
+    described = ", ".join(f"{name}={value}" for name, value in fields.items())
+    return f"{type(op).__name__}({described})"
 
 
 def _block_indices(layer: _layers.Layer, indices: list) -> np.ndarray:
@@ -455,11 +557,12 @@ def _block_indices(layer: _layers.Layer, indices: list) -> np.ndarray:
 
 
 class _Damped(eqx.Module):
-    """`scale A ⊗ G + D ⊗ I` per layer (`D = diag(λ_W, .., λ_W, λ_b)`), and the
-    other params' `scale d + λ`, with `A = U diag(α) U^T`, `G = Q diag(γ) Q^T`.
+    """`scale (U ⊗ Q) diag(vec E) (U ⊗ Q)^T + D ⊗ I` per layer
+    (`D = diag(λ_W, .., λ_W, λ_b)`), and the other params' `scale d + λ`; for
+    KFAC `E = α γ^T` with `A = U diag(α) U^T`, `G = Q diag(γ) Q^T`.
     """
 
-    eigen: tuple[tuple[Array, Array, Array, Array], ...]
+    eigen: tuple[tuple[Array, Array, Array], ...]  # (U, Q, E) per layer
     weight_precision: tuple[Array, ...]
     bias_shift: tuple[Array, ...]  # λ_b - λ_W (0 without a bias)
     other: tuple[Array, ...]
@@ -473,55 +576,63 @@ class _Damped(eqx.Module):
         return jtu.tree_unflatten(self.treedef, self.leaves)
 
     def layer_terms(self, index: int):
-        """`E = scale α γ^T + λ_W`, `u` (the last row of `U`), `h`, `κ` of a layer."""
-        u_matrix, alpha, q, gamma = self.eigen[index]
-        scale = self.scale.astype(alpha.dtype)
-        e = scale * jnp.outer(alpha, gamma) + self.weight_precision[index]
+        """`scale E + λ_W`, `u` (the last row of `U`), `h`, `κ` of a layer."""
+        u_matrix, q, values = self.eigen[index]
+        scale = self.scale.astype(values.dtype)
+        e = scale * values + self.weight_precision[index]
         u = u_matrix[-1]
         h = (u**2) @ (1 / e)
         kappa = 1 + self.bias_shift[index] * h
         return u_matrix, q, e, u, h, kappa
 
 
+def _eigh(
+    matrix: Float[Array, "d d"],
+) -> tuple[Float[Array, " d"], Float[Array, "d d"]]:
+    """Eigenvalues (clipped at 0) and eigenvectors of a symmetrised PSD factor."""
+    values, vectors = jnp.linalg.eigh((matrix + matrix.T) / 2)
+    return jnp.maximum(values, 0), vectors
+
+
 @eqx.filter_jit
-def _eigendecompositions(kfac: KFACOperator) -> tuple:
+def _eigendecompositions(input_covariances, gradient_covariances) -> tuple:
     """`(U, α, Q, γ)` per layer; one `eigh` per factor (no batched LAPACK)."""
     eigen = []
-    for _, a, g in kfac._blocks():
-        alpha, u = jnp.linalg.eigh((a + a.T) / 2)
-        gamma, q = jnp.linalg.eigh((g + g.T) / 2)
-        eigen.append((u, jnp.maximum(alpha, 0), q, jnp.maximum(gamma, 0)))
+    for a, g in zip(input_covariances, gradient_covariances, strict=True):
+        (alpha, u), (gamma, q) = _eigh(a), _eigh(g)
+        eigen.append((u, alpha, q, gamma))
     return tuple(eigen)
 
 
 @eqx.filter_jit
-def _damp(kfac: KFACOperator, prior: PriorPrecision) -> _Damped:
+def _damp(kronecker: _AbstractKronecker, prior: PriorPrecision) -> _Damped:
     precision = jtu.tree_leaves(prior.per_leaf())
     full = jtu.tree_leaves(prior.full_diagonal())
-    eigen = kfac.eigendecompositions
-    if eigen is None:
-        eigen = _eigendecompositions(kfac)
+    eigen = kronecker._spectrum()
     weight_precision, bias_shift = [], []
-    for layer, a, _ in kfac._blocks():
-        lam_w = jnp.mean(precision[layer.weight]).astype(a.dtype)
+    for layer, (_, _, values) in zip(kronecker.structure.layers, eigen, strict=True):
+        lam_w = jnp.mean(precision[layer.weight]).astype(values.dtype)
         weight_precision.append(lam_w)
         if layer.bias is None:
-            bias_shift.append(jnp.zeros((), a.dtype))
+            bias_shift.append(jnp.zeros((), values.dtype))
         else:
-            bias_shift.append(jnp.mean(precision[layer.bias]).astype(a.dtype) - lam_w)
+            lam_b = jnp.mean(precision[layer.bias]).astype(values.dtype)
+            bias_shift.append(lam_b - lam_w)
     other = tuple(
-        _scaled(d, kfac.scale) + full[i]
-        for i, d in zip(kfac.structure.other, kfac.other_diagonals, strict=True)
+        _scaled(d, kronecker.scale) + full[i]
+        for i, d in zip(
+            kronecker.structure.other, kronecker.other_diagonals, strict=True
+        )
     )
     return _Damped(
         tuple(eigen),
         tuple(weight_precision),
         tuple(bias_shift),
         other,
-        kfac.scale,
-        tuple(jtu.tree_leaves(kfac.in_structure())),
-        jtu.tree_structure(kfac.in_structure()),
-        kfac.structure,
+        kronecker.scale,
+        tuple(jtu.tree_leaves(kronecker.in_structure())),
+        jtu.tree_structure(kronecker.in_structure()),
+        kronecker.structure,
     )
 
 
@@ -590,7 +701,7 @@ def _inverse_diagonal(damped: _Damped) -> Array:
 
 
 class KFACInverse(lx.AbstractLinearOperator):
-    """`(K + Λ)^{-1}` of a [`fisherops.KFACOperator`][]: see `KFACOperator.inverse`.
+    """`(K + Λ)^{-1}` of a Kronecker operator: see `KFACOperator.inverse`.
 
     Each `mv` costs four small matrix products per layer.
     """
@@ -633,27 +744,27 @@ class KFACInverse(lx.AbstractLinearOperator):
 # --------------------------------------------------------------------------- #
 
 
-@lx.linearise.register(KFACOperator)
+@lx.linearise.register(_AbstractKronecker)
 @lx.linearise.register(KFACInverse)
-@lx.materialise.register(KFACOperator)
+@lx.materialise.register(_AbstractKronecker)
 @lx.materialise.register(KFACInverse)
-@lx.conj.register(KFACOperator)
+@lx.conj.register(_AbstractKronecker)
 @lx.conj.register(KFACInverse)
 def _(operator):
     return operator
 
 
-@lx.diagonal.register(KFACOperator)
+@lx.diagonal.register(_AbstractKronecker)
 @lx.diagonal.register(KFACInverse)
 def _(operator):
     return operator.diagonal()
 
 
-@lx.tridiagonal.register(KFACOperator)
+@lx.tridiagonal.register(_AbstractKronecker)
 @lx.tridiagonal.register(KFACInverse)
 def _(operator):
     matrix = operator.as_matrix()
     return jnp.diagonal(matrix), jnp.diagonal(matrix, -1), jnp.diagonal(matrix, 1)
 
 
-register_symmetric_psd(KFACOperator, KFACInverse)
+register_symmetric_psd(_AbstractKronecker, KFACInverse)
