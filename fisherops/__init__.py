@@ -23,6 +23,8 @@ from ._likelihoods import Gaussian as Gaussian
 from ._likelihoods import HeteroscedasticGaussian as HeteroscedasticGaussian
 from ._likelihoods import Likelihood as Likelihood
 from ._likelihoods import has_sampler as has_sampler
+from ._marglik import MarglikResult as MarglikResult
+from ._marglik import marglik_training as marglik_training
 from ._models import from_equinox as from_equinox
 from ._models import from_flax_nnx as from_flax_nnx
 from ._operators import AbstractCurvatureOperator as AbstractCurvatureOperator

@@ -745,3 +745,15 @@ def with_traced_closures(
                 lambda lik, name=name: getattr(lik, name), likelihood, converted
             )
     return likelihood
+
+
+def log_likelihood(
+    likelihood: AbstractLikelihood, outputs: Float[Array, "N ..."], targets: PyTree
+) -> Scalar:
+    """`Σ_n log r(y_n | f_n) = -Σ_n (c(y_n, f_n) + log Z(f_n))` over a batch."""
+    targets = likelihood.prepare_targets(targets, outputs)
+
+    def one(output, target):
+        return likelihood.loss(output, target) + likelihood.log_normaliser(output)
+
+    return -jnp.sum(jax.vmap(one)(outputs, targets))
