@@ -1,5 +1,6 @@
 """Fisher information matrices of JAX networks as lineax linear operators."""
 
+from ._ekfac import EKFACOperator as EKFACOperator
 from ._evidence import PriorPrecisionResult as PriorPrecisionResult
 from ._evidence import optimize_prior_precision as optimize_prior_precision
 from ._functional import (
