@@ -28,8 +28,10 @@ class AbstractLikelihood(eqx.Module):
     operators a loss of your own: only `loss` is required, and `sample` for the
     Monte-Carlo Fisher. The other methods have defaults by autodiff of `loss`;
     override them when a closed form is cheaper. All methods act on ONE datum:
-    `output` is the network's output `f` for that datum (usually of shape `(O,)`)
-    and `target` the datum's target. Arrays the likelihood depends on (a noise
+    `output` is the network's output `f` for that datum (of shape `(O,)`, or
+    structured, e.g. `(T, C)` for a sequence, whose loss sums over the positions)
+    and `target` the datum's target. The curvature sees the output flattened to
+    `O = prod(shape)` values. Arrays the likelihood depends on (a noise
     scale, say) belong in fields, so that gradients with respect to them flow.
     """
 
@@ -447,63 +449,79 @@ class CrossEntropy(AbstractLikelihood):
     O(C), its square root `diag(√p) - p √pᵀ` in O(C²)). The string
     `"cross_entropy"` is a shortcut for `CrossEntropy()`.
 
-    The network gives logits `(C,)` per datum. Targets are integer class labels
-    in `[0, C)` (a batch `(N,)` or `(N, 1)`), or probability / one-hot vectors
-    `(N, C)` that sum to 1. Labels and probabilities are checked when the
-    operator is built eagerly; under `jit` they cannot be, and a label outside
-    `[0, C)` then counts as a target of all zeros (`g = p`).
+    The network gives logits `(C,)` per datum, or `(..., C)` for structured
+    outputs (a sequence's `(T, C)` next-token logits, an image's `(H, W, C)`
+    per-pixel logits): the classes are the last axis, and the datum's loss is the
+    SUM over the other axes (its positions), with one categorical per position.
+    Its Hessian is then block-diagonal over the positions and its square root the
+    block-diagonal `(O, O)` matrix of the per-position roots (`O = T C`).
+
+    Targets are integer class labels in `[0, C)` shaped like the outputs without
+    their class axis (a batch `(N, ...)`; for logits `(C,)` also `(N, 1)`), or
+    probability / one-hot vectors shaped like the outputs, summing to 1 over the
+    classes. Labels and probabilities are checked when the operator is built
+    eagerly; under `jit` they cannot be, and a label outside `[0, C)` then counts
+    as a target of all zeros (`g = p`).
     """
 
     def loss(self, output, target):
         logp = jax.nn.log_softmax(output)
-        if _is_label(target):
-            return -logp[target]
+        if _is_label(target, output):
+            picked = jnp.take_along_axis(logp, target[..., None], axis=-1)
+            return -jnp.sum(picked)
         return -jnp.sum(target * logp)
 
     def sample(self, key, output):
-        # Inverse CDF: one uniform per draw, where `jax.random.categorical` (the
+        # Inverse CDF: one uniform per position, where `jax.random.categorical` (the
         # Gumbel trick) draws one per class. The clamp to `C - 1` covers a float
         # CDF that ends just below 1.
-        cdf = jnp.cumsum(jax.nn.softmax(output))
-        uniform = jax.random.uniform(key, (), cdf.dtype)
-        return jnp.minimum(jnp.sum(cdf <= uniform), output.shape[-1] - 1)
+        cdf = jnp.cumsum(jax.nn.softmax(output), axis=-1)
+        uniform = jax.random.uniform(key, output.shape[:-1], cdf.dtype)
+        draw = jnp.sum(cdf <= uniform[..., None], axis=-1)
+        return jnp.minimum(draw, output.shape[-1] - 1)
 
     def output_grad(self, output, target):
         probs = jax.nn.softmax(output)
-        if _is_label(target):
+        if _is_label(target, output):
             return probs - jax.nn.one_hot(target, output.shape[-1], dtype=output.dtype)
         return probs - target
 
     def hessian_mv(self, output, target, tangent):
         probs = jax.nn.softmax(output)
-        return probs * tangent - probs * jnp.dot(probs, tangent)
+        return probs * tangent - probs * jnp.sum(probs * tangent, -1, keepdims=True)
 
     def hessian_sqrt(self, output, target):
         probs = jax.nn.softmax(output)
+        num_classes = output.shape[-1]
+        probs = probs.reshape(-1, num_classes)  # (positions, C)
         sqrt_probs = jnp.sqrt(probs)
-        return jnp.diag(sqrt_probs) - jnp.outer(probs, sqrt_probs)
+        blocks = (
+            jax.vmap(jnp.diag)(sqrt_probs) - probs[:, :, None] * sqrt_probs[:, None, :]
+        )
+        if blocks.shape[0] == 1:
+            return blocks[0]
+        eye = jnp.eye(blocks.shape[0], dtype=blocks.dtype)
+        size = blocks.shape[0] * num_classes
+        return jnp.einsum("tcd,ts->tcsd", blocks, eye).reshape(size, size)
 
     def prepare_targets(self, targets, outputs):
         name = "cross_entropy"
         targets = _array_targets(name, targets)
-        if outputs.ndim != 2:
-            per_datum = outputs.shape[1:]
-            hint = (
-                "a scalar per datum; for one binary logit use "
-                "'binary_cross_entropy', or return C >= 2 logits"
-                if outputs.ndim == 1
-                else f"shape {per_datum} per datum; return a vector of C logits "
-                "(e.g. drop the extra axes with `.reshape(-1)`)"
-            )
+        if outputs.ndim < 2:
             raise ValueError(
-                f"loss {name!r} needs model_fn to return logits of shape (C,) per "
-                f"datum (outputs (N, C)); got outputs {outputs.shape}, i.e. {hint}."
+                f"loss {name!r} needs model_fn to return logits of shape (C,) or "
+                f"(..., C) per datum (the classes last); got outputs "
+                f"{outputs.shape}, i.e. a scalar per datum; for one binary logit "
+                "use 'binary_cross_entropy', or return C >= 2 logits."
             )
-        num, num_classes = outputs.shape
+        num_classes = outputs.shape[-1]
+        positions = outputs.shape[:-1]  # (N, ...)
+        trailing_one = (*positions, 1)
         expected = (
             f"data target as integer class labels in [0, {num_classes}) of shape "
-            f"{(num,)} or {(num, 1)}, or probability vectors of shape "
-            f"{(num, num_classes)}"
+            f"{positions}"
+            + (f" or {trailing_one}" if outputs.ndim == 2 else "")
+            + f", or probability vectors of shape {outputs.shape}"
         )
         if targets.dtype == bool:
             raise ValueError(
@@ -511,9 +529,14 @@ class CrossEntropy(AbstractLikelihood):
                 f"{targets.shape} (cast class labels to int)."
             )
         integer = jnp.issubdtype(targets.dtype, jnp.integer)
-        if integer and targets.shape == (num, 1) and num_classes != 1:
+        if (
+            integer
+            and outputs.ndim == 2
+            and targets.shape == trailing_one
+            and num_classes != 1
+        ):
             targets = targets[:, 0]
-        if integer and targets.shape == (num,):
+        if integer and targets.shape == positions:
             labels = _concrete(targets)
             if (
                 labels is not None
@@ -531,7 +554,7 @@ class CrossEntropy(AbstractLikelihood):
                 f"shape {targets.shape}"
                 + (
                     " (cast class labels to int)."
-                    if targets.shape in ((num,), (num, 1)) and not integer
+                    if targets.shape in (positions, trailing_one) and not integer
                     else "."
                 )
             )
@@ -539,9 +562,11 @@ class CrossEntropy(AbstractLikelihood):
         return targets.astype(outputs.dtype)
 
 
-def _is_label(target) -> bool:
+def _is_label(target, output) -> bool:
+    """Whether `target` holds class labels (integers, no class axis) for `output`."""
     return (
-        jnp.issubdtype(jnp.result_type(target), jnp.integer) and jnp.ndim(target) == 0
+        jnp.issubdtype(jnp.result_type(target), jnp.integer)
+        and jnp.ndim(target) == jnp.ndim(output) - 1
     )
 
 

@@ -546,12 +546,13 @@ class EmpiricalFisherOperator(AbstractCurvatureOperator):
     **Arguments:**
 
     - `model_fn`: `model_fn(input, params) -> output`. With `vmap_over_data=True`
-      it sees one datum and returns `(O,)` (or a scalar); with `False` it sees
-      the batch `(N, ...)` and returns `(N, O)` (or `(N,)`). The number of data
-      points always comes from the data: with `False`, the data is one unbatched
-      datum unless the outputs' leading axis is the inputs' and every target has
-      a leading axis (for one datum whose input length equals its output length,
-      add a batch axis of 1).
+      it sees one datum and returns `(O,)` (or a scalar, or a structured output
+      such as a sequence's `(T, C)` logits: see the likelihoods); with `False` it
+      sees the batch `(N, ...)` and returns `(N, O)` (or `(N,)`, `(N, T, C)`).
+      The number of data points always comes from the data: with `False`, the
+      data is one unbatched datum unless the outputs' leading axis is the inputs'
+      and every target has a leading axis (for one datum whose input length
+      equals its output length, e.g. one sequence, add a batch axis of 1).
     - `params`: a pytree of floating arrays, the point of linearisation.
     - `data`: `{"input": X, "target": Y}` or `(X, Y)`; axis 0 indexes data points.
     - `loss_fn`: `"mse"`, `"cross_entropy"`, `"binary_cross_entropy"`, a per-datum

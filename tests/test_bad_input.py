@@ -324,9 +324,9 @@ def test_cross_entropy_with_a_scalar_per_datum(vmap_over_data):
         return mlp(x, params)[..., 0]
 
     with raises(
-        "loss 'cross_entropy' needs model_fn to return logits of shape (C,) per datum "
-        "(outputs (N, C)); got outputs (5,), i.e. a scalar per datum; for one binary "
-        "logit use 'binary_cross_entropy'"
+        "loss 'cross_entropy' needs model_fn to return logits of shape (C,) or "
+        "(..., C) per datum (the classes last); got outputs (5,), i.e. a scalar per "
+        "datum; for one binary logit use 'binary_cross_entropy'"
     ):
         build(
             "ggn",
@@ -337,13 +337,14 @@ def test_cross_entropy_with_a_scalar_per_datum(vmap_over_data):
         )
 
 
-def test_cross_entropy_with_a_row_per_datum():
+def test_cross_entropy_labels_without_the_position_axes():
+    """Logits `(1, 3)` per datum (one position) need labels `(N, 1)`."""
+
     def row(x, params):
         return mlp(x, params)[None]
 
     with raises(
-        "got outputs (5, 1, 3), i.e. shape (1, 3) per datum; return a vector of C "
-        "logits"
+        f"{CE}of shape (5, 1), or probability vectors of shape (5, 1, 3); got int"
     ):
         build("mc", make_data("labels"), "cross_entropy", model_fn=row)
 

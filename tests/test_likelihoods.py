@@ -4,6 +4,7 @@ References are dense float64 (`jax.hessian` of the loss, `np.linalg`); every
 built-in is also checked in float32 with tolerances from its eps.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -241,3 +242,147 @@ def test_gaussian_checks_sigma():
     with pytest.raises(ValueError, match=r"sigma must be positive; got -1.0"):
         fo.Gaussian(-1.0)
     assert fo.Gaussian(1).sigma.dtype == jnp.result_type(float)
+
+
+# ---------------------------------------------------------------------------
+# Structured outputs: extra axes before the last, the loss summed over them
+# ---------------------------------------------------------------------------
+
+STRUCTURED = np.random.default_rng(4).normal(size=(2, 3, 4))  # positions (2, 3), C = 4
+
+
+def structured_target(name):
+    rng = np.random.default_rng(5)
+    if name == "cross_entropy":
+        return rng.integers(0, 4, size=(2, 3))
+    if name == "cross_entropy_soft":
+        return np.asarray(jax.nn.softmax(rng.normal(size=(2, 3, 4))))
+    if name == "binary_cross_entropy":
+        return (rng.normal(size=(2, 3, 4)) > 0).astype(float)
+    return rng.normal(size=(2, 3, 4))
+
+
+@eqx.filter_jit
+def structured_methods(likelihood, output, target, tangent):
+    positions = jax.vmap(likelihood.loss)(
+        output.reshape(-1, output.shape[-1]),
+        target.reshape(-1, *target.shape[2:]),
+    )
+    return {
+        "loss": likelihood.loss(output, target),
+        "per_position": jnp.sum(positions),
+        "grad": likelihood.output_grad(output, target),
+        "autodiff_grad": jax.grad(likelihood.loss)(output, target),
+        "hessian": jax.hessian(likelihood.loss)(output, target).reshape(24, 24),
+        "hessian_mv": likelihood.hessian_mv(output, target, tangent).reshape(-1),
+        "root": likelihood.hessian_sqrt(output, target),
+        "draw": likelihood.sample(jax.random.key(0), output),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["gaussian_per_output", "cross_entropy", "cross_entropy_soft"]
+    + ["binary_cross_entropy"],
+)
+def test_structured_output_sums_over_positions(name):
+    """An output `(2, 3, C)`: the loss is the sum of the per-position losses, every
+    method matches autodiff of it, the Hessian is block-diagonal over positions."""
+    likelihood = LIKELIHOODS[name]
+    output, target = jnp.asarray(STRUCTURED), jnp.asarray(structured_target(name))
+    tangent = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 4)))
+    got = structured_methods(likelihood, output, target, tangent)
+    hessian = got["hessian"]
+    np.testing.assert_allclose(got["loss"], got["per_position"])
+    np.testing.assert_allclose(got["grad"], got["autodiff_grad"])
+    np.testing.assert_allclose(
+        got["hessian_mv"], hessian @ tangent.reshape(-1), atol=1e-12
+    )
+    np.testing.assert_allclose(got["root"] @ got["root"].T, hessian, atol=1e-12)
+    blocks = np.kron(np.eye(6), np.ones((4, 4)))  # one (C, C) block per position
+    np.testing.assert_array_equal(hessian * (1 - blocks), 0)
+    labels = isinstance(likelihood, fo.CrossEntropy)
+    assert got["draw"].shape == (output.shape[:-1] if labels else output.shape)
+
+
+def test_cross_entropy_samples_each_position_from_its_softmax():
+    logits = jnp.log(jnp.asarray([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
+    keys = jax.random.split(jax.random.key(1), 4000)
+    draws = jax.jit(jax.vmap(lambda k: fo.CrossEntropy().sample(k, logits)))(keys)
+    frequencies = jax.vmap(lambda d: jnp.bincount(d, length=3), 1)(draws) / 4000
+    np.testing.assert_allclose(frequencies, jnp.exp(logits), atol=0.03)
+
+
+T, D, C = 4, 3, 3  # positions, features, classes
+SEQ_PARAMS = {
+    "w": jnp.asarray(RNG.normal(size=(D, C))),
+    "b": jnp.asarray(RNG.normal(size=C)),
+}
+SEQ_INPUTS = jnp.asarray(RNG.normal(size=(5, T, D)))
+
+
+def position_wise(x, params):
+    """`(..., T, D) -> (..., T, C)`: no interaction between positions."""
+    return jnp.tanh(x) @ params["w"] + params["b"]
+
+
+def sequence_targets(loss):
+    rng = np.random.default_rng(7)
+    if loss == "cross_entropy":
+        return jnp.asarray(rng.integers(0, C, size=(5, T)))
+    if loss == "binary_cross_entropy":
+        return jnp.asarray(rng.normal(size=(5, T, C)) > 0).astype(float)
+    return jnp.asarray(rng.normal(size=(5, T, C)))
+
+
+def flattened(inputs, targets):
+    """Every position its own datum."""
+    return inputs.reshape(-1, D), targets.reshape(-1, *targets.shape[2:])
+
+
+@pytest.mark.parametrize("vmap_over_data", [True, False], ids=["vmap", "batched"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "binary_cross_entropy", "mse"])
+def test_sequence_ggn_is_the_ggn_of_the_flattened_positions(loss, vmap_over_data):
+    data = (SEQ_INPUTS, sequence_targets(loss))
+    expected = fo.GGNOperator(position_wise, SEQ_PARAMS, flattened(*data), loss)
+    sequence = fo.GGNOperator(
+        position_wise, SEQ_PARAMS, data, loss, vmap_over_data=vmap_over_data
+    )
+    reference = expected.as_matrix()
+    assert sequence.sqrt_shape() == (5, T * C)
+    for algorithm in ("rows", "mv"):
+        np.testing.assert_allclose(
+            sequence.as_matrix(algorithm), reference, rtol=1e-12, atol=1e-12
+        )
+
+
+def test_sequence_fishers_use_the_summed_gradient_of_a_datum():
+    """EF: `J_n^T g_n` with `g_n` the `(T, C)` gradient of the summed loss (cross
+    terms between positions included); MC: unbiased for the GGN (the functional
+    API, many samples), deterministic for a fixed key."""
+    data = (SEQ_INPUTS, sequence_targets("cross_entropy"))
+    flat, unravel = jax.flatten_util.ravel_pytree(SEQ_PARAMS)
+
+    def summed_loss(p, x, y):
+        logp = jax.nn.log_softmax(position_wise(x, unravel(p)))
+        return -jnp.sum(logp[jnp.arange(T), y])
+
+    grads = jax.vmap(jax.grad(summed_loss), (None, 0, 0))(flat, *data)
+    ef = fo.EmpiricalFisherOperator(position_wise, SEQ_PARAMS, data, "cross_entropy")
+    np.testing.assert_allclose(ef.as_matrix(), grads.T @ grads, atol=1e-12)
+
+    mv = fo.create_MC_fisher_mv(
+        position_wise,
+        SEQ_PARAMS,
+        data,
+        "cross_entropy",
+        jax.random.key(2),
+        mc_samples=4000,
+    )
+    basis = jnp.eye(flat.size)
+    mc = jax.vmap(lambda e: jax.flatten_util.ravel_pytree(mv(unravel(e)))[0])(basis)
+    again = jax.flatten_util.ravel_pytree(mv(unravel(basis[1])))[0]
+    np.testing.assert_allclose(again, mc[1], rtol=1e-12)  # one fixed matrix
+    ggn = fo.GGNOperator(position_wise, SEQ_PARAMS, data, "cross_entropy").as_matrix()
+    np.testing.assert_allclose(mc, ggn, atol=0.1 * np.abs(ggn).max())
+    assert np.abs(mc - ggn).max() > 0  # a sampled matrix
