@@ -1,5 +1,6 @@
 """Fisher information matrices of JAX networks as lineax linear operators."""
 
+from . import estimate as estimate
 from ._ekfac import EKFACOperator as EKFACOperator
 from ._evidence import PriorPrecisionResult as PriorPrecisionResult
 from ._evidence import optimize_prior_precision as optimize_prior_precision
@@ -9,12 +10,18 @@ from ._functional import (
 from ._functional import (
     create_empirical_fisher_mv_without_data as create_empirical_fisher_mv_without_data,
 )
+from ._functional import create_hessian_mv as create_hessian_mv
+from ._functional import (
+    create_hessian_mv_without_data as create_hessian_mv_without_data,
+)
 from ._functional import (
     create_MC_fisher_mv as create_MC_fisher_mv,
 )
 from ._functional import (
     create_MC_fisher_mv_without_data as create_MC_fisher_mv_without_data,
 )
+from ._hessian import HessianOperator as HessianOperator
+from ._hessian import LinearisedHessianOperator as LinearisedHessianOperator
 from ._kfac import KFACOperator as KFACOperator
 from ._likelihoods import MSE as MSE
 from ._likelihoods import AbstractLikelihood as AbstractLikelihood

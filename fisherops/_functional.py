@@ -9,7 +9,8 @@ from collections.abc import Callable
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Real
 
 from ._checks import Data, ModelFn, empirical_likelihood, mc_arguments
-from ._likelihoods import AbstractLikelihood
+from ._hessian import HessianOperator
+from ._likelihoods import AbstractLikelihood, as_likelihood
 from ._operators import EmpiricalFisherOperator, MCFisherOperator
 
 Params = PyTree[Float[Array, "..."]]
@@ -193,6 +194,69 @@ def create_MC_fisher_mv_without_data(
             num_total_samples=factor,
             vmap_over_data=vmap_over_data,
             mc_samples=mc_samples,
+            chunk_size=chunk_size,
+        ).mv(vector)
+
+    return mv
+
+
+def create_hessian_mv(
+    model_fn: ModelFn,
+    params: Params,
+    data: Data,
+    loss_fn: "str | Callable | AbstractLikelihood",
+    *,
+    num_curv_samples: Real[Array, ""] | float | None = None,
+    num_total_samples: Real[Array, ""] | float | None = None,
+    vmap_over_data: bool = True,
+    chunk_size: int | None = None,
+) -> Callable[[Params], Params]:
+    r"""`v ↦ (num_total_samples / num_curv_samples) ∇²_θ [Σ_n c(y_n, f(x_n, θ))] v`.
+
+    The `mv` of [`fisherops.HessianOperator`][] (same arguments), as laplax's
+    `create_hessian_mv`.
+    """
+    operator = HessianOperator(
+        model_fn,
+        params,
+        data,
+        loss_fn,
+        num_curv_samples=num_curv_samples,
+        num_total_samples=num_total_samples,
+        vmap_over_data=vmap_over_data,
+        chunk_size=chunk_size,
+    )
+    return _plain_function(operator)
+
+
+def create_hessian_mv_without_data(
+    model_fn: ModelFn,
+    params: Params,
+    loss_fn: "str | Callable | AbstractLikelihood",
+    factor: Real[Array, ""] | float,
+    *,
+    vmap_over_data: bool = True,
+    chunk_size: int | None = None,
+) -> Callable[[Params, Data], Params]:
+    r"""`(v, data) ↦ factor ∇²_θ [Σ_n c(y_n, f(x_n, θ))] v` over the batch `data`.
+
+    For data that arrives batch by batch, as
+    [`create_empirical_fisher_mv_without_data`][fisherops.create_empirical_fisher_mv_without_data]:
+    build `mv` once, call it on every batch (under `jax.jit`: compiled once per
+    batch shape) and sum; `factor` is the scaling of the whole pass.
+    """
+    if as_likelihood(loss_fn) is None:  # bad arguments fail here, not later
+        raise ValueError("create_hessian_mv_without_data needs loss_fn; got None.")
+
+    def mv(vector: Params, data: Data) -> Params:
+        return HessianOperator(
+            model_fn,
+            params,
+            data,
+            loss_fn,
+            num_curv_samples=1,
+            num_total_samples=factor,
+            vmap_over_data=vmap_over_data,
             chunk_size=chunk_size,
         ).mv(vector)
 

@@ -3,15 +3,19 @@
 import lineax as lx
 
 
-def register_symmetric_psd(*classes: type, diagonal: bool = False) -> None:
-    """Register `classes` as symmetric positive semidefinite for lineax.
+def register_symmetric(
+    *classes: type, positive_semidefinite: bool, diagonal: bool = False
+) -> None:
+    """Register `classes` as symmetric for lineax, positive semidefinite or not
+    (an indefinite operator, the Hessian, is neither positive nor negative
+    semidefinite).
 
     With `diagonal=True` they are also diagonal (hence tridiagonal and
     triangular); otherwise they have none of those structures.
     """
     answers = (
         (lx.is_symmetric, True),
-        (lx.is_positive_semidefinite, True),
+        (lx.is_positive_semidefinite, positive_semidefinite),
         (lx.is_negative_semidefinite, False),
         (lx.is_diagonal, diagonal),
         (lx.is_tridiagonal, diagonal),
@@ -22,3 +26,8 @@ def register_symmetric_psd(*classes: type, diagonal: bool = False) -> None:
     for query, answer in answers:
         for cls in classes:
             query.register(cls)(lambda operator, answer=answer: answer)
+
+
+def register_symmetric_psd(*classes: type, diagonal: bool = False) -> None:
+    """Register `classes` as symmetric positive semidefinite for lineax."""
+    register_symmetric(*classes, positive_semidefinite=True, diagonal=diagonal)
