@@ -175,7 +175,9 @@ def _trace(operator, key, count: int, method: str) -> Scalar:
     if method == "hutchinson":
         return _probe_sum(quadratic, count) / count
     if method == "hutch++":
-        rank = min(size, count // 3)
+        # m/3 sketch vectors, m/3 for `A Q`, m/3 probes; with m >= 2P the
+        # sketch is the whole space and no probes are left to draw.
+        rank = size if count >= 2 * size else count // 3
         sketch = _apply(matvec, _draws(_rademacher, key, jnp.arange(rank), size, dtype))
         basis = jnp.linalg.qr(sketch.T)[0].T
         exact = jnp.sum(basis * _apply(matvec, basis))

@@ -49,7 +49,7 @@ def dense_hessian(data, loss, factor=1.0):
         outputs = jax.vmap(mlp, (0, None))(inputs, unravel(theta))
         return factor * jnp.sum(jax.vmap(datum_loss)(outputs, targets))
 
-    return np.asarray(jax.hessian(summed)(flat_params))
+    return np.asarray(jax.jit(jax.hessian(summed))(flat_params))
 
 
 CASES = [
