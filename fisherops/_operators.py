@@ -14,6 +14,7 @@ import abc
 import functools as ft
 import math
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Real
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Real, UInt
 
 from . import _core
 from ._checks import (
@@ -458,6 +459,11 @@ class LinearisedCurvatureOperator(_AbstractWrapper):
                 on_chunk, operator.data, operator.num_data, operator.chunk_size
             )
 
+    def __reduce__(self):
+        # The linearised model holds a jaxpr, which does not pickle: a pickle
+        # holds the operator, and loading it linearises again.
+        return _linearised, (self.operator,)
+
     @eqx.filter_jit
     def mv(self, vector):
         vector = _check_vector(self, vector)
@@ -531,6 +537,10 @@ class LinearisedCurvatureOperator(_AbstractWrapper):
         if route == "rows":
             return self.operator.diagonal("rows")
         return _core.dense_from_mv(self.mv, self.in_structure(), diagonal_only=True)
+
+
+def _linearised(operator: AbstractCurvatureOperator) -> LinearisedCurvatureOperator:
+    return operator.linearise()
 
 
 class EmpiricalFisherOperator(AbstractCurvatureOperator):
@@ -647,7 +657,10 @@ class MCFisherOperator(AbstractCurvatureOperator):
     data: tuple[PyTree, PyTree]
     scale: Float[Array, ""]
     likelihood: AbstractLikelihood
-    key: PRNGKeyArray
+    # The key as its raw data (a typed key is no array `eqx.tree_serialise_leaves`
+    # can save) and its implementation (None for a raw `PRNGKey`): see `key`.
+    _key_data: UInt[Array, "..."]
+    _key_impl: Any = eqx.field(static=True)
     first_index: Int[Array, ""]
     num_data: int = eqx.field(static=True)
     vmap_over_data: bool = eqx.field(static=True)
@@ -682,9 +695,18 @@ class MCFisherOperator(AbstractCurvatureOperator):
             key=key,
         )
         setup.fill(self)
-        self.key = key
+        typed = jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key)
+        self._key_data = jax.random.key_data(key) if typed else key
+        self._key_impl = jax.random.key_impl(key) if typed else None
         self.first_index = jnp.asarray(first_index, dtype=int)
         self.mc_samples = int(mc_samples)
+
+    @property
+    def key(self) -> PRNGKeyArray:
+        """The key the samples are drawn with, as given (typed or raw)."""
+        if self._key_impl is None:
+            return self._key_data
+        return jax.random.wrap_key_data(self._key_data, impl=self._key_impl)
 
     def _likelihood_factors(self, outputs, targets, indices):
         del targets

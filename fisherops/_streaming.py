@@ -3,6 +3,12 @@
 `StreamedOperator` sums an in-memory curvature operator over batches read one at
 a time from a data loader. Each batch goes through the same jitted function, so
 it compiles once per batch shape; only one batch is in device memory at a time.
+
+Every batch is checked as an in-memory operator checks its data, in the same
+pass: its targets by the likelihood (on the host, where they are concrete),
+its arrays for non-finite values and their fingerprint (`_record`) on the
+device, in the program that adds its term. The records of a pass are read once
+at its end; a pass whose batches differ from the first pass's is an error.
 """
 
 import functools as ft
@@ -14,7 +20,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float, Int, PyTree, UInt
 
 from ._checks import Data, _check_count, _check_vector, _split_data
 from ._operators import AbstractCurvatureOperator, MCFisherOperator
@@ -49,16 +55,59 @@ class _Static:
         return isinstance(other, _Static) and self.key == other.key
 
 
+def _mixed_bits(leaf: Array) -> UInt[Array, " n"]:
+    """The bits of each element of `leaf`, mixed with its position (uint32)."""
+    leaf = jnp.asarray(leaf)
+    if jnp.iscomplexobj(leaf):
+        leaf = jnp.stack([leaf.real, leaf.imag])
+    if leaf.dtype == bool:
+        leaf = leaf.astype(jnp.uint8)
+    unsigned = jnp.dtype(f"uint{8 * leaf.dtype.itemsize}")
+    bits = jax.lax.bitcast_convert_type(leaf, unsigned)
+    if unsigned.itemsize == 8:
+        bits = jax.lax.bitcast_convert_type(bits, jnp.uint32)
+    bits = bits.astype(jnp.uint32).reshape(-1)
+    # The murmur3 finaliser of (bits xor a position code): each element's bits
+    # and position change its term unpredictably.
+    mixed = bits ^ (jax.lax.iota(jnp.uint32, bits.size) * jnp.uint32(0x9E3779B1))
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        mixed = (mixed ^ (mixed >> shift)) * jnp.uint32(multiplier)
+    return mixed ^ (mixed >> 16)
+
+
+def _record(data: tuple[PyTree, PyTree]) -> tuple[UInt[Array, " L"], Int[Array, " L"]]:
+    """A batch's fingerprint and its non-finite values, per array (leaf).
+
+    The fingerprint of an array is the sum modulo 2^32 of its elements' mixed
+    bits: an integer sum, so every device and reduction order gives the same
+    value, and any change of a value or of the order of the data points changes
+    it (but with probability 2^-32).
+    """
+    leaves = jtu.tree_leaves(data)
+    fingerprints = [jnp.sum(_mixed_bits(leaf), dtype=jnp.uint32) for leaf in leaves]
+    non_finite = [
+        jnp.sum(~jnp.isfinite(leaf), dtype=jnp.int32)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+        else jnp.zeros((), jnp.int32)
+        for leaf in leaves
+    ]
+    return jnp.stack(fingerprints), jnp.stack(non_finite)
+
+
+_recorded = jax.jit(_record)
+
+
 @ft.partial(jax.jit, static_argnums=(0, 1))
 def _accumulate(static, method, dynamic, data, first_index, args, total):
-    """`total + getattr(C_b, method)(*args)`, `C_b` the template holding batch `b`."""
+    """`total + getattr(C_b, method)(*args)`, `C_b` the template holding batch `b`,
+    and batch `b`'s `_record`."""
     operator = eqx.combine(dynamic, static.tree)
     operator = eqx.tree_at(lambda op: op.data, operator, data)
     if isinstance(operator, MCFisherOperator):
         index = jnp.asarray(first_index, operator.first_index.dtype)
         operator = eqx.tree_at(lambda op: op.first_index, operator, index)
     term = getattr(operator, method)(*args)
-    return jtu.tree_map(jnp.add, total, term)
+    return jtu.tree_map(jnp.add, total, term), _record(data)
 
 
 class _Template:
@@ -74,9 +123,20 @@ class _Template:
         self.operator = operator
         self.dynamic = dynamic
         self.static = _Static(static)
+        self.outputs = jax.eval_shape(
+            operator._model(), operator.data[0], operator.params
+        )
         self.zeros: dict[str, PyTree[Array]] = {}
 
+    def check_targets(self, targets: PyTree) -> None:
+        """The likelihood's checks of a batch's targets, as `operator_fn` makes
+        them (their values too: they are concrete here)."""
+        likelihood = getattr(self.operator, "likelihood", None)
+        if likelihood is not None:
+            likelihood.prepare_targets(targets, self.outputs)
+
     def accumulate(self, method, data, first_index, args, total):
+        """`total` plus this batch's term, and the batch's `_record` (on the device)."""
         if total is None:
             if method not in self.zeros:
                 shapes = jax.eval_shape(lambda: getattr(self.operator, method)(*args))
@@ -94,18 +154,64 @@ def _signature(batch: tuple[PyTree, PyTree]) -> tuple:
     return treedef, tuple((np.shape(x), getattr(x, "dtype", None)) for x in leaves)
 
 
-class _Source:
-    """The batches, and one template operator per batch shape.
+def _shapes(batch: tuple[PyTree, PyTree], leading: str | None = None) -> str:
+    """`input (24, 3), target (24,)`: a batch's shapes, axis 0 shown as `leading`."""
+    shown = []
+    for name, tree in zip(("input", "target"), batch, strict=True):
+        for path, leaf in jtu.tree_leaves_with_path(tree):
+            dims = [str(size) for size in np.shape(leaf)]
+            if leading is not None and dims:
+                dims[0] = leading
+            text = ", ".join(dims) + ("," if len(dims) == 1 else "")
+            shown.append(f"{name}{jtu.keystr(path)} ({text})")
+    return ", ".join(shown)
 
-    Not a pytree: it stays out of `jit` (its hash is its identity), and the
-    batches are never traced.
+
+def _leaf_names(treedef: jtu.PyTreeDef) -> list[str]:
+    """`data input[...]` / `data target[...]` for each leaf of a batch."""
+    inputs, targets = jtu.tree_unflatten(treedef, range(treedef.num_leaves))
+    return [
+        f"data {name}{jtu.keystr(path)}"
+        for name, tree in (("input", inputs), ("target", targets))
+        for path, _ in jtu.tree_leaves_with_path(tree)
+    ]
+
+
+_SAME_BATCHES = (
+    "Every mv, diagonal() and as_matrix() reads the batches again, so the loader "
+    "must give the same batches in the same order on every pass: a list of "
+    "batches, or a callable returning a fresh iterator over them (not one shared "
+    "iterator, which runs out after a pass), without shuffling or random "
+    "augmentation (e.g. a torch DataLoader with shuffle=False)."
+)
+
+
+class _Reiterate:
+    """A loader over a re-iterable: `iter(batches)` on each call (picklable, where
+    a lambda is not)."""
+
+    def __init__(self, batches: Iterable[Data]):
+        self.batches = batches
+
+    def __call__(self) -> Iterator[Data]:
+        return iter(self.batches)
+
+
+class _Source:
+    """The batches, one template operator per batch shape, and what a pass reads.
+
+    Building it reads the first batch (for the template operator). The first
+    complete pass is remembered batch by batch (shapes and fingerprints), and
+    every later pass must read the same batches (so must the first pass, up to
+    the batch read here). Not a pytree: it stays out of `jit` (its hash is its
+    identity), and the batches are never traced.
     """
 
     def __init__(self, operator_fn, batches, progress: bool):
         if callable(batches):
             self.iterate = batches
         elif isinstance(batches, Iterable) and iter(batches) is not batches:
-            self.iterate = lambda: iter(batches)
+            self.iterate = _Reiterate(batches)
         else:
             raise TypeError(
                 "batches must be re-iterable, as every mv reads them all: a list of "
@@ -124,17 +230,53 @@ class _Source:
         self.templates: dict[tuple, _Template] = {}
         self.sizes = getattr(batches, "__len__", None)
         self.name = _name(batches)
+        first = next(iter(self.iterate()), None)
+        if first is None:
+            raise ValueError("batches must hold at least one batch; got none.")
+        _, data, signature = self.template(0, first)
+        self.first = signature
+        self.first_shapes = _shapes(data, "n")
+        fingerprint = np.asarray(_recorded(data)[0])
+        # (signature, fingerprints) of each batch of the first pass; until that
+        # pass is complete, of the batch read here.
+        self.expected = [(signature, fingerprint)]
+        self.complete = False
 
     def __repr__(self):
         return self.name
 
-    def template(self, batch: Data) -> tuple[_Template, tuple[PyTree, PyTree]]:
-        """The template for a batch's shape, and the batch as `(inputs, targets)`."""
-        data = _split_data(batch)
+    def template(
+        self, position: int, batch: Data
+    ) -> tuple[_Template, tuple[PyTree, PyTree], tuple]:
+        """The template for a batch's shape (its targets checked), the batch as
+        `(inputs, targets)`, and its signature."""
+        data = _split_data(batch, f"batch {position}")
         signature = _signature(data)
-        if signature not in self.templates:
-            self.templates[signature] = _Template(self.checked_operator(batch))
-        return self.templates[signature], data
+        template = self.templates.get(signature)
+        try:
+            if template is not None:
+                template.check_targets(data[1])
+                return template, data, signature
+            if self.templates:
+                self.check_shapes(position, data, signature)
+            template = _Template(self.checked_operator(batch))
+        except ValueError as error:
+            raise ValueError(f"batch {position}: {error}") from None
+        self.templates[signature] = template
+        return template, data, signature
+
+    def check_shapes(self, position: int, data: tuple, signature: tuple) -> None:
+        """A new batch shape differs from the first batch's in axis 0 only."""
+        (treedef, leaves), (first_treedef, first_leaves) = signature, self.first
+        if treedef == first_treedef and all(
+            shape[1:] == first[1:]
+            for (shape, _), (first, _) in zip(leaves, first_leaves, strict=True)
+        ):
+            return
+        raise ValueError(
+            f"got shapes {_shapes(data)}; every batch must have the shapes of batch "
+            f"0 but for its number of points (axis 0): {self.first_shapes}."
+        )
 
     def checked_operator(self, batch: Data) -> AbstractCurvatureOperator:
         operator = self.operator_fn(batch)
@@ -162,6 +304,63 @@ class _Source:
             batches = tqdm.tqdm(batches, total=total, unit="batch", leave=False)
         return iter(batches)
 
+    def read(self, method: str, args: tuple, progress: bool) -> tuple[PyTree, int]:
+        """`sum_b getattr(C_b, method)(*args)` over one pass, and its number of
+        points, every batch checked."""
+        total, count, read = None, 0, []
+        for position, batch in enumerate(self.batches(progress)):
+            template, data, signature = self.template(position, batch)
+            total, record = template.accumulate(method, data, count, args, total)
+            read.append((signature, template.operator.num_data, record))
+            count += template.operator.num_data
+        self.check_pass(read)
+        return total, count
+
+    def check_pass(self, read: list[tuple[tuple, int, tuple[Array, Array]]]) -> None:
+        """The records of a pass, read at once: every array finite, and the same
+        batches as the first pass."""
+        if not read:
+            raise ValueError(f"the loader gave no batch on this pass. {_SAME_BATCHES}")
+        records = jax.device_get([record for *_, record in read])
+        for position, ((signature, *_), (_, non_finite)) in enumerate(
+            zip(read, records, strict=True)
+        ):
+            if non_finite.any():
+                leaf = np.flatnonzero(non_finite)[0]
+                count = non_finite[leaf]
+                raise ValueError(
+                    f"batch {position}: {_leaf_names(signature[0])[leaf]} must be "
+                    f"finite; got {count} NaN or inf value{'s' if count > 1 else ''}."
+                )
+        seen = [
+            (signature, fingerprint)
+            for (signature, *_), (fingerprint, _) in zip(read, records, strict=True)
+        ]
+        when = "on the first pass" if self.complete else "when the operator was built"
+        for position, (got, expected) in enumerate(
+            zip(seen, self.expected, strict=False)
+        ):
+            if got[0] != expected[0] or not np.array_equal(got[1], expected[1]):
+                raise ValueError(
+                    f"batch {position} differs from batch {position} read {when}. "
+                    f"{_SAME_BATCHES}"
+                )
+        if self.complete and len(seen) != len(self.expected):
+            points = sum(num for _, num, _ in read)
+            first = sum(_num_points(signature) for signature, _ in self.expected)
+            raise ValueError(
+                f"the loader gave {len(seen)} batches ({points} points) on this pass "
+                f"but {len(self.expected)} ({first} points) on the first. "
+                f"{_SAME_BATCHES}"
+            )
+        self.expected, self.complete = seen, True
+
+
+def _num_points(signature: tuple) -> int:
+    """The number of points of a batch of this signature (axis 0 of its arrays)."""
+    _, leaves = signature
+    return leaves[0][0][0]
+
 
 def _name(batches) -> str:
     """How the batches show in a repr: the loader's name, or the container's."""
@@ -187,6 +386,23 @@ class StreamedOperator(lx.AbstractLinearOperator):
     order, and puts each through one jitted function: it compiles once per batch
     shape. A smaller last batch is not padded; it costs one more compilation and
     the result stays exact.
+
+    **The same batches on every pass.** The operator is one matrix only if every
+    pass reads the same batches in the same order: no shuffling (a torch
+    `DataLoader(shuffle=False)`), no random augmentation, and a loader callable
+    that returns a *fresh* iterator on each call (one shared iterator runs out
+    after a pass). Each batch's arrays are fingerprinted on the device, in the
+    program that adds its term; a pass whose batches differ from the first
+    pass's (or from the first batch, read when the operator is built) raises a
+    `ValueError`, as does a pass with no batch.
+
+    **Every batch is checked** as the in-memory operator checks its data: a
+    batch of another shape than the first must differ in its number of points
+    only; the targets go through the likelihood's checks (label range,
+    probabilities) on the host; inputs and targets must be finite, counted on
+    the device in the same program and raised at the end of the pass. Errors
+    name the batch, counted from 0 in the loader's order. Inside `jit` they
+    come out of the callback as a `JaxRuntimeError` carrying the same message.
 
     **Not traceable.** The batches are read by a Python loop. Under `jit` (which
     includes `lineax.linear_solve`), `mv` runs that loop in a
@@ -229,7 +445,6 @@ class StreamedOperator(lx.AbstractLinearOperator):
                 "operator_fn must be a callable batch -> curvature operator; got "
                 f"{type(operator_fn).__name__}."
             )
-        self.source = _Source(operator_fn, batches, progress)
         _check_count("num_curv_samples", num_curv_samples)
         _check_count("num_total_samples", num_total_samples)
         self.num_curv_samples = (
@@ -238,18 +453,11 @@ class StreamedOperator(lx.AbstractLinearOperator):
         self.num_total_samples = (
             None if num_total_samples is None else float(num_total_samples)
         )
-        first = next(iter(self.source.iterate()), None)
-        if first is None:
-            raise ValueError("batches must hold at least one batch; got none.")
-        self.source.template(first)
+        self.source = _Source(operator_fn, batches, progress)
 
     def _stream(self, method: str, *args, progress: bool = True) -> PyTree[Array]:
         """`scale * sum_b getattr(C_b, method)(*args)` over the batches."""
-        total, count = None, 0
-        for batch in self.source.batches(progress and self.source.progress):
-            template, data = self.source.template(batch)
-            total = template.accumulate(method, data, count, args, total)
-            count += template.operator.num_data
+        total, count = self.source.read(method, args, progress and self.source.progress)
         num_curv = count if self.num_curv_samples is None else self.num_curv_samples
         num_total = (
             num_curv if self.num_total_samples is None else self.num_total_samples

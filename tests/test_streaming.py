@@ -1,5 +1,6 @@
 """`StreamedOperator`: the in-memory matrix, from batches read one at a time."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -179,3 +180,118 @@ def test_bad_arguments():
         ValueError, match="num_curv_samples must be a positive finite number; got inf"
     ):
         streamed("ef", 32, num_curv_samples=np.inf)
+
+
+def split(data, size=24):
+    """`data` as a list of numpy batches of `size` points (copies, to corrupt)."""
+    inputs, targets = (np.array(leaf) for leaf in data)
+    return [
+        (inputs[i : i + size], targets[i : i + size])
+        for i in range(0, len(inputs), size)
+    ]
+
+
+def ef_of(batch):
+    return make_operator("ef", batch)
+
+
+@pytest.fixture(scope="module")
+def solve_under_jit():
+    """CG with the prior under `jit`, where `mv` runs in a host callback."""
+    cg = lx.CG(rtol=1e-12, atol=1e-12, max_steps=200)
+
+    @eqx.filter_jit
+    def solve(operator, vector):
+        return lx.linear_solve(operator + fo.PriorPrecision(PARAMS, PRIOR), vector, cg)
+
+    return lambda operator: solve(operator, VECTOR).value
+
+
+def test_every_batch_is_checked(solve_under_jit):
+    """A later batch of an already seen shape gets the in-memory checks (issue
+    19.3): label range by the likelihood, finite inputs on the device, eagerly
+    and inside CG under `jit`."""
+    labels = split(DATA)
+    labels[1][1][5] = -1
+    operator = fo.StreamedOperator(ef_of, labels)
+    with pytest.raises(ValueError, match=r"batch 1: loss 'cross_entropy' .* \[-1, "):
+        operator.mv(VECTOR)
+    nan = split(DATA)
+    nan[1][0][3, 2] = np.nan
+    operator = fo.StreamedOperator(ef_of, nan)
+    message = "batch 1: data input must be finite; got 1 NaN or inf value"
+    with pytest.raises(ValueError, match=message):
+        operator.diagonal()
+    with pytest.raises(Exception, match=message):
+        solve_under_jit(operator)
+
+
+def test_a_batch_of_another_shape_must_differ_in_axis_0_only():
+    wrong = split(DATA)
+    wrong[2] = (np.ones((16, 4)), wrong[2][1])
+    expected = (
+        r"batch 2: got shapes input \(16, 4\), target \(16,\); every batch must "
+        r"have the shapes of batch 0 but for its number of points \(axis 0\): "
+        r"input \(n, 3\), target \(n,\)\."
+    )
+    with pytest.raises(ValueError, match=expected):
+        fo.StreamedOperator(ef_of, wrong).mv(VECTOR)
+    lengths = split(DATA)
+    lengths[2] = (lengths[2][0], lengths[2][1][:15])
+    with pytest.raises(ValueError, match="batch 2: data input has 16 data points"):
+        fo.StreamedOperator(ef_of, lengths).mv(VECTOR)
+
+
+SAME_BATCHES = "must give the same batches in the same order on every pass"
+
+
+def test_a_stream_that_changes_between_passes_is_an_error():
+    """A shuffling loader, one that reorders the points of a batch, one that gives
+    fewer batches (issue 19.4): caught by the batches' fingerprints."""
+    rng = np.random.default_rng(0)
+
+    def shuffling():
+        order = rng.permutation(NUM_DATA)
+        return iter(split(jax.tree.map(lambda leaf: np.asarray(leaf)[order], DATA)))
+
+    operator = fo.StreamedOperator(lambda batch: make_operator("mc", batch), shuffling)
+    with pytest.raises(ValueError, match="batch 0 differs from batch 0 read when"):
+        operator.mv(VECTOR)
+
+    passes = []
+
+    def changing():
+        passes.append(None)
+        batches = split(DATA)
+        if len(passes) == 3:  # the second mv: batch 1's points reversed
+            batches[1] = jax.tree.map(lambda leaf: leaf[::-1], batches[1])
+        if len(passes) == 4:  # the third: no last batch
+            del batches[-1]
+        return iter(batches)
+
+    operator = fo.StreamedOperator(lambda batch: make_operator("mc", batch), changing)
+    assert_close(flat(operator.mv(VECTOR)), in_memory("mc")["mv"])
+    with pytest.raises(ValueError, match="batch 1 differs from batch 1 read on the "):
+        operator.mv(VECTOR)
+    with pytest.raises(
+        ValueError,
+        match=f"2 batches \\(48 points\\) on this pass but 3 \\(64 "
+        f"points\\) on the first.*{SAME_BATCHES}",
+    ):
+        operator.mv(VECTOR)
+
+
+def test_a_loader_returning_one_shared_iterator_is_an_error(solve_under_jit):
+    """Building the operator reads batch 0 of the iterator: the first pass then
+    starts at batch 1, the next finds no batch (issue 19.5). Never a wrong
+    number, never None, and a clear message inside CG."""
+    shared = iter(split(DATA))
+    operator = fo.StreamedOperator(ef_of, lambda: shared)
+    with pytest.raises(ValueError, match=f"batch 0 differs .*{SAME_BATCHES}"):
+        operator.mv(VECTOR)
+    with pytest.raises(ValueError, match=f"no batch on this pass. .*{SAME_BATCHES}"):
+        operator.mv(VECTOR)
+    shared = iter(split(DATA))
+    operator = fo.StreamedOperator(ef_of, lambda: shared)
+    with pytest.raises(Exception, match=f"batch 0 differs .*{SAME_BATCHES}"):
+        solve_under_jit(operator)
