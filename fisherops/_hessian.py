@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, PyTree, Real, Scalar
 from . import _core
 from ._checks import Data, ModelFn, _check_vector, _setup
 from ._likelihoods import AbstractLikelihood, as_likelihood
-from ._operators import _AbstractScalable, _structure
+from ._operators import _AbstractScalable, _linearised, _structure
 from ._queries import register_symmetric
 
 
@@ -188,6 +188,11 @@ class LinearisedHessianOperator(lx.AbstractLinearOperator):
             )
         else:
             self.hvp = None
+
+    def __reduce__(self):
+        # As `LinearisedCurvatureOperator`: `hvp` holds a jaxpr, which does not
+        # pickle; loading linearises the operator again.
+        return _linearised, (self.operator,)
 
     @eqx.filter_jit
     def mv(self, vector):

@@ -539,7 +539,8 @@ class LinearisedCurvatureOperator(_AbstractWrapper):
         return _core.dense_from_mv(self.mv, self.in_structure(), diagonal_only=True)
 
 
-def _linearised(operator: AbstractCurvatureOperator) -> LinearisedCurvatureOperator:
+def _linearised(operator: lx.AbstractLinearOperator) -> lx.AbstractLinearOperator:
+    """`operator.linearise()`: how a linearised operator loads from a pickle."""
     return operator.linearise()
 
 

@@ -31,17 +31,23 @@ def curvature(kind, params, key):
     if kind == "mc_raw_key":
         raw = jax.random.key_data(key)
         return fo.MCFisherOperator(mlp, params, DATA, "cross_entropy", raw)
-    if kind == "kfac":
-        return fo.KFACOperator(mlp, params, DATA, "cross_entropy", kind="mc", key=key)
+    if kind in ("kfac", "ekfac"):
+        kfac = fo.KFACOperator if kind == "kfac" else fo.EKFACOperator
+        return kfac(mlp, params, DATA, "cross_entropy", kind="mc", key=key)
+    if kind == "hessian":
+        return fo.HessianOperator(mlp, params, DATA, "cross_entropy")
     return fo.GGNOperator(mlp, params, DATA, "cross_entropy")
 
 
 BUILDERS = {
     **{
         kind: ft.partial(curvature, kind)
-        for kind in ("ef", "mc", "mc_raw_key", "ggn", "kfac")
+        for kind in ("ef", "mc", "mc_raw_key", "ggn", "kfac", "ekfac", "hessian")
     },
     "linearised": lambda params, key: curvature("mc", params, key).linearise(),
+    "linearised_hessian": lambda params, key: curvature(
+        "hessian", params, key
+    ).linearise(),
     "materialised": lambda params, key: lx.materialise(curvature("mc", params, key)),
     "prior": lambda params, key: fo.PriorPrecision(params, 1 + jax.random.uniform(key)),
 }
