@@ -27,6 +27,7 @@ import lineax as lx
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
+from . import _linalg
 from ._checks import _check_key, _check_method, _check_positive_int
 from ._lanczos import Which, _lanczos, _ritz_pairs, _tridiagonal_eigh
 from ._logdet import _FlatMV, _unraveller
@@ -97,7 +98,7 @@ def _complements(r: Float[Array, "s s"]) -> Float[Array, "s s"]:
 
     def one(i):
         kept = r * (jnp.arange(r.shape[1]) != i)[None, :]
-        return jnp.linalg.eigh(kept @ kept.T)[1][:, 0]
+        return _linalg.eigh(kept @ kept.T)[1][:, 0]
 
     return lax.map(one, jnp.arange(r.shape[1]))
 

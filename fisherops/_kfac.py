@@ -36,7 +36,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Real, Scalar
 
-from . import _core, _layers
+from . import _core, _layers, _linalg
 from ._checks import _check_like, _check_method
 from ._operators import (
     AbstractCurvatureOperator,
@@ -590,13 +590,14 @@ def _eigh(
     matrix: Float[Array, "d d"],
 ) -> tuple[Float[Array, " d"], Float[Array, "d d"]]:
     """Eigenvalues (clipped at 0) and eigenvectors of a symmetrised PSD factor."""
-    values, vectors = jnp.linalg.eigh((matrix + matrix.T) / 2)
+    values, vectors = _linalg.eigh(matrix)
     return jnp.maximum(values, 0), vectors
 
 
 @eqx.filter_jit
 def _eigendecompositions(input_covariances, gradient_covariances) -> tuple:
-    """`(U, α, Q, γ)` per layer; one `eigh` per factor (no batched LAPACK)."""
+    """`(U, α, Q, γ)` per layer; one `eigh` per factor (no batched LAPACK, also
+    under a user's `vmap`)."""
     eigen = []
     for a, g in zip(input_covariances, gradient_covariances, strict=True):
         (alpha, u), (gamma, q) = _eigh(a), _eigh(g)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from . import _linalg
+
 # Restart vectors after a breakdown: a fixed stream, so a run is deterministic
 # whatever the caller's key.
 _RESTART_KEY = 20260
@@ -100,10 +102,10 @@ def _tridiagonal_eigh(
     diagonal: Float[Array, " m"], off: Float[Array, " m-1"]
 ) -> tuple[Float[Array, " m"], Float[Array, "m m"]]:
     """Eigenvalues (ascending) and eigenvectors (columns) of one `m x m`
-    symmetric tridiagonal: one unbatched LAPACK call. Callers with many
-    tridiagonals call this under `lax.map`/`lax.scan`, never under `vmap`."""
+    symmetric tridiagonal: one unbatched LAPACK call, also under a user's `vmap`
+    (`_linalg.eigh`)."""
     tridiagonal = jnp.diag(diagonal) + jnp.diag(off, 1) + jnp.diag(off, -1)
-    return jnp.linalg.eigh(tridiagonal)
+    return _linalg.eigh(tridiagonal)
 
 
 Which = Literal["largest", "smallest", "magnitude"]

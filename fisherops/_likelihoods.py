@@ -20,6 +20,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree, Scalar
 
+from . import _linalg
+
 
 class AbstractLikelihood(eqx.Module):
     """A per-datum likelihood `r(y | f) ∝ exp(-c(y, f))` of a network output `f`.
@@ -108,35 +110,20 @@ class AbstractLikelihood(eqx.Module):
 
 # --------------------------------------------------------------------------- #
 # The symmetric square root of a PSD matrix, differentiable, never a batched
-# LAPACK call (under `vmap` the decompositions run one after the other: batched
-# decompositions can deadlock jaxlib's CPU thread pool).
+# LAPACK call (`_linalg.eigh`).
 # --------------------------------------------------------------------------- #
-
-
-@jax.custom_batching.custom_vmap
-def _eigh(matrix):
-    return tuple(jnp.linalg.eigh(matrix))
-
-
-@_eigh.def_vmap
-def _(axis_size, in_batched, matrix):
-    del axis_size
-    (batched,) = in_batched
-    if not batched:
-        return _eigh(matrix), (False, False)
-    return jax.lax.map(_eigh, matrix), (True, True)
 
 
 @jax.custom_jvp
 def _psd_sqrt(matrix: Float[Array, "O O"]) -> Float[Array, "O O"]:
-    values, vectors = _eigh(matrix)
+    values, vectors = _linalg.eigh(matrix)
     return (vectors * jnp.sqrt(jnp.maximum(values, 0))) @ vectors.T
 
 
 @_psd_sqrt.defjvp
 def _(primals, tangents):
     (matrix,), (tangent,) = primals, tangents
-    values, vectors = _eigh(matrix)
+    values, vectors = _linalg.eigh(matrix)
     roots = jnp.sqrt(jnp.maximum(values, 0))
     # Daleckii-Krein: dS = V (G * V^T dH V) V^T, G the divided differences of
     # sqrt(max(., 0)) at the eigenvalues; 1 / (s_i + s_j) where they coincide, and

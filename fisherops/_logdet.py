@@ -32,6 +32,7 @@ import lineax as lx
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
+from . import _linalg
 from ._checks import _check_key, _check_method, _check_positive_int
 from ._kfac import KFACOperator
 from ._lanczos import _lanczos, _tridiagonal_eigh
@@ -87,12 +88,12 @@ _NOT_POSITIVE_DEFINITE = (
 def _cholesky_logdet(
     matrix: Float[Array, "P P"], diagonal: Float[Array, " P"], inverse: bool
 ) -> tuple[Scalar, Float[Array, "P P"] | None]:
-    factor = jnp.linalg.cholesky(matrix + jnp.diag(diagonal))
+    factor = _linalg.cholesky(matrix + jnp.diag(diagonal))
     value = 2 * jnp.sum(jnp.log(jnp.diagonal(factor)))
     if not inverse:
         return value, None
     identity = jnp.eye(diagonal.size, dtype=diagonal.dtype)
-    return value, jax.scipy.linalg.cho_solve((factor, True), identity)
+    return value, _linalg.cho_solve(factor, identity)
 
 
 def _eigh_logdet(
@@ -102,7 +103,7 @@ def _eigh_logdet(
     `M = I + D^{-1/2} C D^{-1/2}`, clipped at 1; `P^{-1} = D^{-1/2} M^{-1} D^{-1/2}`."""
     scale = lax.rsqrt(diagonal)
     whitened = scale[:, None] * matrix * scale[None, :]
-    theta, vectors = jnp.linalg.eigh(
+    theta, vectors = _linalg.eigh(
         whitened + jnp.eye(diagonal.size, dtype=diagonal.dtype)
     )
     theta = jnp.maximum(theta, 1)
@@ -119,19 +120,31 @@ def _factorised(
     method: str,
     inverse: bool,
 ) -> tuple[Scalar, Float[Array, "P P"] | None]:
-    """`log det(matrix + diag(diagonal))` and, if asked, the inverse of the sum."""
-    if method == "eigh":
-        return _eigh_logdet(matrix, diagonal, inverse)
-    value, inv = _cholesky_logdet(matrix, diagonal, inverse)
+    """`log det(matrix + diag(diagonal))` and, if asked, the inverse of the sum.
+
+    Under a `vmap` (over prior precisions, say) it runs one matrix after another
+    (`_linalg.unbatched`): the Cholesky-else-`eigh` choice of `"auto"` stays a
+    branch per matrix instead of a select computing both, and no decomposition is
+    a batched LAPACK call.
+    """
+
+    def one(matrix, diagonal):
+        if method == "eigh":
+            return _eigh_logdet(matrix, diagonal, inverse)
+        value, inv = _cholesky_logdet(matrix, diagonal, inverse)
+        if method == "dense":
+            return value, inv
+        # "auto": the Cholesky unless it broke down.
+        return lax.cond(
+            jnp.isfinite(value),
+            lambda: (value, inv),
+            lambda: _eigh_logdet(matrix, diagonal, inverse),
+        )
+
+    value, inv = _linalg.unbatched(one)(matrix, diagonal)
     if method == "dense":
         value = eqx.error_if(value, ~jnp.isfinite(value), _NOT_POSITIVE_DEFINITE)
-        return value, inv
-    # "auto": the Cholesky unless it broke down.
-    return lax.cond(
-        jnp.isfinite(value),
-        lambda: (value, inv),
-        lambda: _eigh_logdet(matrix, diagonal, inverse),
-    )
+    return value, inv
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

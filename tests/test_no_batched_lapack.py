@@ -85,6 +85,39 @@ def test_dense_posterior(batched_lapack_calls):
     assert batched_lapack_calls() == []
 
 
+@pytest.mark.timeout(240)
+def test_a_users_vmap_over_prior_precisions(batched_lapack_calls):
+    """Issue 19.2: `jit(vmap(λ -> evidence))` and its `value_and_grad`, with two
+    curvatures' evidence in one program (the form that hung): the dense
+    log-determinant's Cholesky-else-`eigh` runs one λ after another, so no
+    decomposition is batched; then many calls with new λs, under a timeout."""
+    params, data = problem()
+    curvatures = (
+        fo.GGNOperator(mlp, params, data, "cross_entropy"),
+        fo.EmpiricalFisherOperator(mlp, params, data, "cross_entropy"),
+    )
+
+    def evidence(precision):
+        return sum(
+            fo.LaplacePosterior(c, precision).log_marginal_likelihood(-3.0)
+            for c in curvatures
+        )
+
+    values = jax.jit(jax.vmap(evidence))
+    values_and_grads = jax.jit(jax.vmap(jax.value_and_grad(evidence)))
+    precisions = jnp.array([1e-3, 10.0])
+    value, grad = values_and_grads(precisions)
+    assert batched_lapack_calls() == []
+    for i, precision in enumerate(precisions):
+        one_value, one_grad = jax.value_and_grad(evidence)(precision)
+        assert float(value[i]) == pytest.approx(float(one_value), rel=1e-10)
+        assert float(grad[i]) == pytest.approx(float(one_grad), rel=1e-8)
+    np.testing.assert_allclose(values(precisions), value, rtol=1e-12)
+    for step in range(20):
+        jax.block_until_ready(values(precisions * (1 + step)))
+        jax.block_until_ready(values_and_grads(precisions / (1 + step)))
+
+
 def test_likelihood_hessian_square_roots(batched_lapack_calls):
     """A likelihood without a closed-form `hessian_sqrt` gets one from its dense
     output Hessian by `eigh`: per datum, not one call on a stack of N."""
