@@ -107,6 +107,9 @@ def test_a_users_vmap_over_prior_precisions(batched_lapack_calls):
     values_and_grads = jax.jit(jax.vmap(jax.value_and_grad(evidence)))
     precisions = jnp.array([1e-3, 10.0])
     value, grad = values_and_grads(precisions)
+    slq = dict(logdet_method="slq", num_probes=2, num_lanczos_steps=4)
+    slq_logdet = lambda p: fo.LaplacePosterior(curvatures[0], p).logdet(**slq)  # noqa: E731
+    jax.vmap(jax.grad(slq_logdet))(precisions)
     assert batched_lapack_calls() == []
     for i, precision in enumerate(precisions):
         one_value, one_grad = jax.value_and_grad(evidence)(precision)
