@@ -11,9 +11,11 @@ A = \frac{1}{N R} \sum_{n, r} a_{n,r} a_{n,r}^\top, \qquad
 G = \sum_{n, r, k} g_{n,r,k} g_{n,r,k}^\top,$$
 
 block-diagonal across layers. `r` runs over the `R` rows a layer shares its
-weight across on one datum: `R = 1` for a dense layer on a vector, the output
-locations of a convolution ("expand", Eschenhagen et al. 2023). Params in no
-recognised layer get the exact diagonal of the curvature.
+weight across on one datum: `R = 1` for a dense layer on a vector, the positions
+of a sequence, the output locations of a convolution ("expand", Eschenhagen et
+al. 2023; `weight_sharing="reduce"` averages `a` and sums `g` over the rows
+first and divides `A` by `N` only). Params in no recognised layer get the exact
+diagonal of the curvature.
 
 With `A = U diag(α) U^T` and `G = Q diag(γ) Q^T`, the damped matrix
 `scale A ⊗ G + Λ` has an exact inverse, log-determinant and square root whenever
@@ -136,12 +138,28 @@ def _per_datum(curvature, structure: _layers.Structure, single: _PerDatum):
 
 
 @eqx.filter_jit
-def _factors(curvature, structure: _layers.Structure, single: _PerDatum):
-    """`(A_l, G_l)` for every layer and the other params' squared gradients."""
+def _factors(
+    curvature,
+    structure: _layers.Structure,
+    single: _PerDatum,
+    weight_sharing: str = "expand",
+):
+    """`(A_l, G_l)` for every layer and the other params' squared gradients.
+
+    `weight_sharing="expand"`: every one of a layer's `R` positions is one more
+    datum, `A = Σ_{n,r} a a^T / (N R)`, `G = Σ_{n,r,k} g g^T`. `"reduce"`: the
+    inputs averaged and the output gradients summed over the positions first,
+    `A = Σ_n ā ā^T / N`, `G = Σ_{n,k} ĝ ĝ^T` (`ā = Σ_r a_r / R`, `ĝ = Σ_r g_r`).
+    """
     terms = _per_datum(curvature, structure, single)
 
     def on_chunk(chunk, indices, weights):
         layer_terms, other_grads = terms(chunk, indices, weights)
+        if weight_sharing == "reduce":
+            layer_terms = tuple(
+                (jnp.mean(a, axis=1, keepdims=True), jnp.sum(g, axis=2, keepdims=True))
+                for a, g in layer_terms
+            )
         input_sums = tuple(_gram(a.reshape(-1, a.shape[-1])) for a, _ in layer_terms)
         # Contracted over (K, n, R) without a reshape that would gather data
         # sharded along n.
@@ -156,7 +174,7 @@ def _factors(curvature, structure: _layers.Structure, single: _PerDatum):
         on_chunk, curvature.data, curvature.num_data, curvature.chunk_size
     )
     input_covariances = tuple(
-        s / (curvature.num_data * layer.rows)
+        s / (curvature.num_data * (layer.rows if weight_sharing == "expand" else 1))
         for s, layer in zip(input_sums, structure.layers, strict=True)
     )
     return input_covariances, gradient_sums, squares
@@ -398,6 +416,21 @@ class KFACOperator(_AbstractKronecker):
     (`kind="mc"`, keys `fold_in(fold_in(key, n), m)` as
     [`fisherops.MCFisherOperator`][]) or the loss gradient (`kind="ef"`).
 
+    A layer applied at `R` positions of one datum shares its weight across them
+    (a dense layer on a sequence `(T, D)`: attention's q/k/v/o projections, a
+    per-token MLP, the unembedding; a convolution's output locations), with the
+    two conventions of Eschenhagen et al. (2023): `"expand"` (above, the
+    default: every position one more datum, so a model without interaction
+    between positions has the KFAC of its flattened positions) and `"reduce"`:
+
+    $$A = \frac{1}{N} \sum_n \bar a_n \bar a_n^\top, \quad
+    \bar a_n = \frac1R \sum_r a_{n,r}, \qquad
+    G = \sum_{n,k} \hat g_{n,k} \hat g_{n,k}^\top, \quad
+    \hat g_{n,k} = \sum_r g_{n,r,k},$$
+
+    the block of a dense layer on the averaged input when the layer's outputs
+    are averaged over the positions right after it (exact for one datum).
+
     Layers are found in the jaxpr of `model_fn` on one datum, with no tagging:
     every `dot_general` (dense) and `conv_general_dilated` (convolution) whose
     weight operand is a params leaf (through reshapes, transposes, casts) used
@@ -417,6 +450,14 @@ class KFACOperator(_AbstractKronecker):
     - `layers`: the layer structure by hand: a params-shaped pytree of labels,
       the weight and bias of one layer sharing a label, `None` for params in no
       layer (e.g. `op.layers` of an operator, edited).
+    - `weight_sharing`: `"expand"` or `"reduce"`, for layers applied at several
+      positions (no effect where `R = 1`).
+
+    Embeddings (a gather from a params leaf), layer and batch norm scales and
+    shifts, positional embeddings and weights used twice (a tied unembedding)
+    are in no Kronecker layer: they get the diagonal of `other`. An embedding
+    written as `one_hot(tokens) @ E` is a dense layer (its `A` the diagonal of
+    token frequencies).
 
     The exact inverse, log-determinant and square root of `K + Λ` (`inverse`,
     `logdet`, `inverse_sqrt_mv`) make [`fisherops.LaplacePosterior`][] cheap; the
@@ -432,6 +473,7 @@ class KFACOperator(_AbstractKronecker):
     other_diagonals: tuple[Float[Array, "..."], ...]
     eigendecompositions: tuple[tuple[Array, Array, Array, Array], ...] | None
     kind: str = eqx.field(static=True)
+    weight_sharing: str = eqx.field(static=True)
     num_data: int = eqx.field(static=True)
     vmap_over_data: bool = eqx.field(static=True)
     structure: _layers.Structure = eqx.field(static=True)
@@ -452,7 +494,9 @@ class KFACOperator(_AbstractKronecker):
         chunk_size: int | None = None,
         other: Literal["diagonal", "error"] = "diagonal",
         layers: PyTree[Hashable | None] | None = None,
+        weight_sharing: Literal["expand", "reduce"] = "expand",
     ):
+        _check_method("weight_sharing", weight_sharing, ("expand", "reduce"))
         curvature, structure, single = _setup(
             model_fn,
             params,
@@ -468,7 +512,9 @@ class KFACOperator(_AbstractKronecker):
             vmap_over_data=vmap_over_data,
             chunk_size=chunk_size,
         )
-        inputs, gradients, others = _factors(curvature, structure, single)
+        inputs, gradients, others = _factors(
+            curvature, structure, single, weight_sharing
+        )
         self.model_fn = curvature.model_fn
         self.params = curvature.params
         self.scale = curvature.scale
@@ -478,12 +524,17 @@ class KFACOperator(_AbstractKronecker):
         self.other_diagonals = others
         self.eigendecompositions = None
         self.kind = kind
+        self.weight_sharing = weight_sharing
         self.num_data = curvature.num_data
         self.vmap_over_data = vmap_over_data
         self.structure = structure
 
     def __repr__(self) -> str:
-        return _repr(self, decomposed=self.eigendecompositions is not None)
+        return _repr(
+            self,
+            weight_sharing=repr(self.weight_sharing),
+            decomposed=self.eigendecompositions is not None,
+        )
 
     def decompose(self) -> "KFACOperator":
         """The same operator holding the eigendecompositions of every `A` and `G`.
@@ -528,7 +579,7 @@ def _repr(op: _AbstractKronecker, **extra) -> str:
         scale = float(np.asarray(scale))
     blocks = ", ".join(
         f"{layer.kind} ({layer.d_in}{' + 1' if layer.bias is not None else ''}) "
-        f"x {layer.d_out}"
+        f"x {layer.d_out}" + (f" at {layer.rows} positions" if layer.rows > 1 else "")
         for layer in op.structure.layers
     )
     fields = {

@@ -16,6 +16,7 @@ import importlib.util
 import subprocess
 import sys
 
+import _transformer as transformer
 import equinox as eqx
 import jax
 import jax.monitoring
@@ -102,8 +103,12 @@ def cnn_block_index(index):
     }
 
 
-def reference_kfac(tapped, params, data, exact, layers, weight_matrices=None):
-    """The dense KFAC matrix, per datum and per layer, as in the module docstring."""
+def reference_kfac(
+    tapped, params, data, exact, layers, weight_matrices=None, weight_sharing="expand"
+):
+    """The dense KFAC matrix, per datum and per layer, as in the module docstring;
+    for `weight_sharing="reduce"`, `a` averaged and `g` summed over `r` first and
+    `A` divided by `N` only."""
     inputs, targets = data
     flat, unravel = ravel_pytree(params)
     index = jax.tree_util.tree_map(
@@ -120,11 +125,14 @@ def reference_kfac(tapped, params, data, exact, layers, weight_matrices=None):
 
     def one_datum(x, b_n):  # b_n (O, K)
         _, acts = tapped(x, params, zeros)
-        jac = jax.jacrev(lambda t: tapped(x, params, t)[0])(zeros)  # (O, R, Do)
+        jac = jax.jacrev(lambda t: tapped(x, params, t)[0].reshape(-1))(zeros)
         sums = []
-        for li in range(len(layers)):
+        for li in range(len(layers)):  # jac[li]: (O, R, Do)
             a = jnp.concatenate([acts[li], jnp.ones((rows[li], 1))], axis=1)
-            g = jnp.einsum("ok,ord->krd", b_n, jac[li]).reshape(-1, jac[li].shape[-1])
+            g = jnp.einsum("ok,ord->krd", b_n, jac[li])
+            if weight_sharing == "reduce":
+                a, g = a.mean(0, keepdims=True), g.sum(1, keepdims=True)
+            g = g.reshape(-1, jac[li].shape[-1])
             sums.append((a.T @ a, g.T @ g))
         return sums
 
@@ -133,7 +141,8 @@ def reference_kfac(tapped, params, data, exact, layers, weight_matrices=None):
     for li, (w, bias, _) in enumerate(layers):
         block = np.concatenate([index[w], index[bias][None]], axis=0).reshape(-1)
         a_sum, g_sum = (np.sum(x, axis=0) for x in per_datum[li])
-        kron = np.kron(a_sum / (n * rows[li]), g_sum)
+        positions = rows[li] if weight_sharing == "expand" else 1
+        kron = np.kron(a_sum / (n * positions), g_sum)
         matrix[np.ix_(block, block)] = kron
     return exact.scale * matrix
 
@@ -203,6 +212,128 @@ def test_cnn_matches_per_datum_reference():
     )
     np.testing.assert_allclose(op.as_matrix(), expected, rtol=1e-10, atol=1e-12)
     assert op.layers == {"k": 0, "c": 0, "w": 1, "b": 1}
+
+
+# --------------------------------------------------------------------------- #
+# Weight sharing: sequences (issue 21.2).
+# --------------------------------------------------------------------------- #
+
+T = 3
+
+
+def mixer_tapped(x, p, taps):
+    """`x (T, 3) -> (T, 4)` logits; a causal running mean mixes the positions."""
+    y0 = x @ p["w0"] + p["b0"] + taps[0]
+    h = jnp.tanh(jnp.cumsum(y0, axis=0) / jnp.arange(1, T + 1)[:, None])
+    return h @ p["w1"] + p["b1"] + taps[1], (x, h)
+
+
+def mixer(x, p):
+    return mixer_tapped(x, p, (jnp.zeros((T, 5)), jnp.zeros((T, 4))))[0]
+
+
+SEQUENCE_DATA = (
+    _normal(jax.random.key(40), (4, T, 3)),
+    jax.random.randint(jax.random.key(41), (4, T), 0, 4),
+)
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+@pytest.mark.parametrize("kind", ["ggn", "mc"])
+def test_weight_sharing_matches_its_definition(kind, weight_sharing):
+    """Layers applied at every position of a sequence, positions mixed in between,
+    per-token cross-entropy: both conventions against the per-datum reference."""
+    op = kfac_operator(
+        kind,
+        mixer,
+        MLP_PARAMS,
+        SEQUENCE_DATA,
+        "cross_entropy",
+        weight_sharing=weight_sharing,
+    )
+    exact = exact_operator(kind, mixer, MLP_PARAMS, SEQUENCE_DATA, "cross_entropy")
+    layers = [("w0", "b0", (T, 5)), ("w1", "b1", (T, 4))]
+    expected = reference_kfac(
+        mixer_tapped,
+        MLP_PARAMS,
+        SEQUENCE_DATA,
+        exact,
+        layers,
+        weight_sharing=weight_sharing,
+    )
+    np.testing.assert_allclose(op.as_matrix(), expected, rtol=1e-10, atol=1e-12)
+    assert f"x 5 at {T} positions" in repr(op)
+
+
+def position_wise(x, p):
+    """`(T, 3) -> (T, 4)`: LayerNorm, a tanh layer and a dense layer per position."""
+    mean = jnp.mean(x, -1, keepdims=True)
+    x = (x - mean) / jnp.std(x, -1, keepdims=True) * p["scale"] + p["shift"]
+    return mlp(x, p)
+
+
+def test_position_wise_sequence_kfac_is_the_flattened_kfac():
+    """Expand: every position one datum, so without interaction between positions
+    the sequence KFAC is the KFAC of the flattened positions, diagonal blocks
+    (LayerNorm) included; reduce differs."""
+    params = {
+        **MLP_PARAMS,
+        "scale": _normal(jax.random.key(42), (3,)),
+        "shift": _normal(jax.random.key(43), (3,)),
+    }
+    inputs, targets = SEQUENCE_DATA
+    flat = (inputs.reshape(-1, 3), targets.reshape(-1))
+    sequence = fo.KFACOperator(position_wise, params, SEQUENCE_DATA, "cross_entropy")
+    flattened = fo.KFACOperator(position_wise, params, flat, "cross_entropy")
+    assert sequence.layers == {**flattened.layers, "scale": None, "shift": None}
+    np.testing.assert_allclose(
+        sequence.as_matrix(), flattened.as_matrix(), rtol=1e-10, atol=1e-13
+    )
+    reduced = fo.KFACOperator(
+        position_wise, params, SEQUENCE_DATA, "cross_entropy", weight_sharing="reduce"
+    )
+    assert np.abs(reduced.as_matrix() - flattened.as_matrix()).max() > 1e-3
+
+
+def test_transformer_ggn_and_kfac_layers():
+    """A tiny causal transformer LM: the GGN is `Σ_n Σ_t J_nt^T H_nt J_nt` over
+    positions (`J_nt` the Jacobian of position t's logits); KFAC finds the q, k,
+    v, o, MLP and unembedding projections as Kronecker layers shared over the
+    positions, and gives the embedding, positions and LayerNorms the exact
+    diagonal."""
+    params = transformer.init_params()
+    data = transformer.make_data(3)
+    flat, unravel = ravel_pytree(params)
+
+    def position_terms(tokens):
+        jac = jax.jacfwd(lambda v: transformer.transformer(tokens, unravel(v)))(flat)
+        probs = jax.nn.softmax(transformer.transformer(tokens, params))
+        hessians = jax.vmap(jnp.diag)(probs) - jnp.einsum("tc,td->tcd", probs, probs)
+        return jnp.einsum("tcp,tcd,tdq->pq", jac, hessians, jac)
+
+    expected = np.sum(jax.jit(jax.vmap(position_terms))(data[0]), axis=0)
+    ggn = fo.GGNOperator(transformer.transformer, params, data, "cross_entropy")
+    np.testing.assert_allclose(ggn.as_matrix(), expected, rtol=1e-10, atol=1e-12)
+
+    kfac = fo.KFACOperator(transformer.transformer, params, data, "cross_entropy")
+    labels = kfac.layers
+    kronecker = ["q", "k", "v", "o", "up", "down", "unembed"]
+    assert [labels[name]["w"] for name in kronecker] == list(range(7))
+    assert all(labels[name].get("b", i) == i for i, name in enumerate(kronecker))
+    diagonal = ["embed", "position", "norm1", "norm2", "norm3"]
+    assert set(jax.tree_util.tree_leaves({n: labels[n] for n in diagonal})) == set()
+    index = ravel_pytree(unravel(jnp.arange(flat.size, dtype=float)))[0]
+    index = unravel(index)
+    rest = np.concatenate(
+        [
+            np.asarray(leaf, int).reshape(-1)
+            for leaf in jax.tree_util.tree_leaves({n: index[n] for n in diagonal})
+        ]
+    )
+    np.testing.assert_allclose(
+        np.diag(kfac.as_matrix())[rest], np.diag(expected)[rest], rtol=1e-10
+    )
+    assert f"dense (4 + 1) x 5 at {transformer.LENGTH} positions" in repr(kfac)
 
 
 def as_tree(params, flat):
