@@ -300,7 +300,7 @@ def test_transformer_ggn_and_kfac_layers():
     positions (`J_nt` the Jacobian of position t's logits); KFAC finds the q, k,
     v, o, MLP and unembedding projections as Kronecker layers shared over the
     positions, and gives the embedding, positions and LayerNorms the exact
-    diagonal."""
+    diagonal; KFAC's Laplace predictive is one distribution per position."""
     params = transformer.init_params()
     data = transformer.make_data(3)
     flat, unravel = ravel_pytree(params)
@@ -334,6 +334,21 @@ def test_transformer_ggn_and_kfac_layers():
         np.diag(kfac.as_matrix())[rest], np.diag(expected)[rest], rtol=1e-10
     )
     assert f"dense (4 + 1) x 5 at {transformer.LENGTH} positions" in repr(kfac)
+
+    # The KFAC Laplace predictive: one distribution per position, its logit
+    # variances the diagonal of `J_* (K + I)^{-1} J_*^T` for each position.
+    tokens = data[0][:2]
+    jacobians = jax.vmap(
+        jax.jacfwd(lambda x, v: transformer.transformer(x, unravel(v)), 1), (0, None)
+    )(tokens, flat).reshape(2, -1, flat.size)
+    covariance = np.linalg.inv(kfac.as_matrix() + np.eye(flat.size))
+    reference = np.einsum("nop,pq,noq->no", jacobians, covariance, jacobians)
+    mean, variance = fo.LaplacePosterior(kfac, 1.0).predictive(
+        tokens, approximation="none"
+    )
+    logits = jax.vmap(transformer.transformer, (0, None))(tokens, params)
+    np.testing.assert_allclose(mean, logits, rtol=1e-12)
+    np.testing.assert_allclose(variance, reference.reshape(logits.shape), rtol=1e-8)
 
 
 def as_tree(params, flat):
