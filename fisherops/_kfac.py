@@ -77,13 +77,38 @@ def _gram(rows: Float[Array, "m d"]) -> Float[Array, "d d"]:
     return jnp.matmul(rows.T, rows, precision=_HIGHEST)
 
 
-def _per_datum(curvature, structure: _layers.Structure, single: _PerDatum):
+def _merged_columns(curvature, outputs, targets) -> Array | None:
+    """For the GGN of a structured output `(T, C)`, the Hessian root's blocks over
+    the `T` positions stacked: `(n, O, K)` columns with `K = C`, where `B_n` has
+    `T C` (`None` where that changes nothing: other operators, one position)."""
+    if not isinstance(curvature, GGNOperator):
+        return None
+    likelihood = curvature.likelihood
+    targets = likelihood.prepare_targets(targets, outputs)
+    blocks = jax.vmap(likelihood.hessian_sqrt_blocks)(outputs, targets)
+    if blocks.shape[1] == 1:
+        return None
+    return blocks.reshape(blocks.shape[0], -1, blocks.shape[-1]).astype(outputs.dtype)
+
+
+def _per_datum(
+    curvature,
+    structure: _layers.Structure,
+    single: _PerDatum,
+    merge_positions: bool = False,
+):
     """`terms(chunk, indices, weights)`: each layer's inputs and output gradients.
 
     For every layer, the inputs `a (n, R, D_in (+1))` (a 1 appended for the bias)
     and the backpropagations `g (K, n, R, D_out)` of the `K` likelihood factor
     columns to its output; and, for each other param, the per-datum gradients
     `(K, n, ...)`. Padding points (weight 0) get zero `a` and `g`.
+
+    `merge_positions`: for the GGN of a structured output, the layers' `g` come
+    from the per-position Hessian roots stacked (`_merged_columns`: `C` backward
+    passes for all `T` positions at once, where `B_n` takes `T C`). The other
+    params' gradients still come from `B_n` (their exact diagonal), in a second
+    set of backward passes when there are other params.
 
     One batched pass per chunk: a forward pass with zero taps on the layer outputs
     that records the layer inputs, then `K` `vjp`s to the taps (and to per-datum
@@ -118,10 +143,21 @@ def _per_datum(curvature, structure: _layers.Structure, single: _PerDatum):
             return jax.vmap(one)(x_leaves, taps, others)
 
         outputs, vjp_fn, activations = jax.vjp(forward, taps, others, has_aux=True)
-        b = curvature._likelihood_factors(outputs, chunk_targets, indices)
-        b = b * weights[:, None, None].astype(b.dtype)
-        cotangents = jnp.moveaxis(b, 2, 0).reshape((b.shape[2], *outputs.shape))
-        tap_grads, other_grads = jax.vmap(vjp_fn)(cotangents)
+
+        def backward(b):
+            b = b * weights[:, None, None].astype(b.dtype)
+            cotangents = jnp.moveaxis(b, 2, 0).reshape((b.shape[2], *outputs.shape))
+            return jax.vmap(vjp_fn)(cotangents)
+
+        factors = curvature._likelihood_factors(outputs, chunk_targets, indices)
+        merged = None
+        if merge_positions:
+            merged = _merged_columns(curvature, outputs, chunk_targets)
+        if merged is None:
+            tap_grads, other_grads = backward(factors)
+        else:
+            tap_grads, _ = backward(merged)
+            other_grads = backward(factors)[1] if other else ()
         layer_terms = []
         for layer, operand, g in zip(layers, activations, tap_grads, strict=True):
             a = jax.vmap(layer.inputs)(operand)  # (n, R, D_in)
@@ -143,6 +179,7 @@ def _factors(
     structure: _layers.Structure,
     single: _PerDatum,
     weight_sharing: str = "expand",
+    merge_positions: bool = False,
 ):
     """`(A_l, G_l)` for every layer and the other params' squared gradients.
 
@@ -150,8 +187,9 @@ def _factors(
     datum, `A = Σ_{n,r} a a^T / (N R)`, `G = Σ_{n,r,k} g g^T`. `"reduce"`: the
     inputs averaged and the output gradients summed over the positions first,
     `A = Σ_n ā ā^T / N`, `G = Σ_{n,k} ĝ ĝ^T` (`ā = Σ_r a_r / R`, `ĝ = Σ_r g_r`).
+    `merge_positions`: see `_per_datum`.
     """
-    terms = _per_datum(curvature, structure, single)
+    terms = _per_datum(curvature, structure, single, merge_positions)
 
     def on_chunk(chunk, indices, weights):
         layer_terms, other_grads = terms(chunk, indices, weights)
@@ -431,6 +469,11 @@ class KFACOperator(_AbstractKronecker):
     the block of a dense layer on the averaged input when the layer's outputs
     are averaged over the positions right after it (exact for one datum).
 
+    For structured outputs (per-token losses on `(T, C)` logits), `kind="ggn"`
+    backpropagates the per-position Hessian roots of all positions at once
+    (`C` backward passes per datum, not `T C`; see
+    [the conventions](../conventions.md#kfac)).
+
     Layers are found in the jaxpr of `model_fn` on one datum, with no tagging:
     every `dot_general` (dense) and `conv_general_dilated` (convolution) whose
     weight operand is a params leaf (through reshapes, transposes, casts) used
@@ -513,7 +556,7 @@ class KFACOperator(_AbstractKronecker):
             chunk_size=chunk_size,
         )
         inputs, gradients, others = _factors(
-            curvature, structure, single, weight_sharing
+            curvature, structure, single, weight_sharing, merge_positions=True
         )
         self.model_fn = curvature.model_fn
         self.params = curvature.params

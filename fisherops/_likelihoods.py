@@ -86,6 +86,19 @@ class AbstractLikelihood(eqx.Module):
         hessian = jax.vmap(column)(jnp.eye(size, dtype=jnp.result_type(output)))
         return _psd_sqrt((hessian + hessian.T) / 2)
 
+    def hessian_sqrt_blocks(
+        self, output: Float[Array, "*O"], target: PyTree
+    ) -> Float[Array, "T C K"]:
+        """`hessian_sqrt` as blocks over the output's positions: `(T, C, K)` with
+        `hessian_sqrt = blockdiag(blocks)`, `T C = O`.
+
+        For a structured output `(..., C)` whose loss is a sum over its positions
+        (every built-in likelihood), one `(C, K)` root per position. KFAC
+        backpropagates the `K` columns of all positions at once (`K` backward
+        passes, not `T K`). Default: one block, `hessian_sqrt(output, target)[None]`.
+        """
+        return self.hessian_sqrt(output, target)[None]
+
     def log_normaliser(self, output: Float[Array, "*O"]) -> Scalar:
         """`log Z(f) = log ∫ exp(-c(y, f)) dy`, so that
         `log r(y | f) = -c(y, f) - log Z(f)`.
@@ -139,6 +152,25 @@ def _(primals, tangents):
     )
     rotated = vectors.T @ tangent @ vectors
     return (vectors * roots) @ vectors.T, vectors @ (divided * rotated) @ vectors.T
+
+
+def _positions(values: Array) -> Array:
+    """A per-datum array `(..., C)` as `(T, C)`: its positions, each `C` values."""
+    return values.reshape(-1, values.shape[-1] if jnp.ndim(values) else 1)
+
+
+def _diagonal_blocks(diagonals: Float[Array, "T C"]) -> Float[Array, "T C C"]:
+    return jax.vmap(jnp.diag)(diagonals)
+
+
+def _block_diagonal(blocks: Float[Array, "T C K"]) -> Float[Array, "TC TK"]:
+    """`blockdiag(blocks[0], ..., blocks[T - 1])`."""
+    count, rows, columns = blocks.shape
+    if count == 1:
+        return blocks[0]
+    eye = jnp.eye(count, dtype=blocks.dtype)
+    matrix = jnp.einsum("tck,ts->tcsk", blocks, eye)
+    return matrix.reshape(count * rows, count * columns)
 
 
 # --------------------------------------------------------------------------- #
@@ -238,6 +270,10 @@ class MSE(AbstractLikelihood):
         eye = jnp.eye(jnp.size(output), dtype=output.dtype)
         return jnp.sqrt(jnp.asarray(2.0, output.dtype)) * eye
 
+    def hessian_sqrt_blocks(self, output, target):
+        roots = jnp.full_like(output, math.sqrt(2.0))
+        return _diagonal_blocks(_positions(roots))
+
     def log_normaliser(self, output):
         return jnp.size(output) * jnp.log(jnp.asarray(math.pi, output.dtype)) / 2
 
@@ -287,6 +323,9 @@ class Gaussian(AbstractLikelihood):
 
     def hessian_sqrt(self, output, target):
         return jnp.diag(jnp.sqrt(self._precision(output)).reshape(-1))
+
+    def hessian_sqrt_blocks(self, output, target):
+        return _diagonal_blocks(_positions(jnp.sqrt(self._precision(output))))
 
     def log_normaliser(self, output):
         return jnp.sum(jnp.log(2 * math.pi / self._precision(output))) / 2
@@ -402,10 +441,10 @@ class HeteroscedasticGaussian(AbstractLikelihood):
 
     def hessian_sqrt(self, output, target):
         """The block-diagonal `(2 M, 2 M)` square root of the Fisher, `M` targets."""
-        root = self._fisher_sqrt(output).reshape(-1, 2, 2)
-        count = root.shape[0]
-        eye = jnp.eye(count, dtype=root.dtype)
-        return jnp.einsum("mij,mn->minj", root, eye).reshape(2 * count, 2 * count)
+        return _block_diagonal(self.hessian_sqrt_blocks(output, target))
+
+    def hessian_sqrt_blocks(self, output, target):
+        return self._fisher_sqrt(output).reshape(-1, 2, 2)
 
     def log_normaliser(self, output):
         count = jnp.size(output) // 2
@@ -478,18 +517,12 @@ class CrossEntropy(AbstractLikelihood):
         return probs * tangent - probs * jnp.sum(probs * tangent, -1, keepdims=True)
 
     def hessian_sqrt(self, output, target):
-        probs = jax.nn.softmax(output)
-        num_classes = output.shape[-1]
-        probs = probs.reshape(-1, num_classes)  # (positions, C)
+        return _block_diagonal(self.hessian_sqrt_blocks(output, target))
+
+    def hessian_sqrt_blocks(self, output, target):
+        probs = _positions(jax.nn.softmax(output))  # (T, C)
         sqrt_probs = jnp.sqrt(probs)
-        blocks = (
-            jax.vmap(jnp.diag)(sqrt_probs) - probs[:, :, None] * sqrt_probs[:, None, :]
-        )
-        if blocks.shape[0] == 1:
-            return blocks[0]
-        eye = jnp.eye(blocks.shape[0], dtype=blocks.dtype)
-        size = blocks.shape[0] * num_classes
-        return jnp.einsum("tcd,ts->tcsd", blocks, eye).reshape(size, size)
+        return _diagonal_blocks(sqrt_probs) - probs[:, :, None] * sqrt_probs[:, None, :]
 
     def prepare_targets(self, targets, outputs):
         name = "cross_entropy"
@@ -587,6 +620,10 @@ class BinaryCrossEntropy(AbstractLikelihood):
     def hessian_sqrt(self, output, target):
         probs = jax.nn.sigmoid(output).reshape(-1)
         return jnp.diag(jnp.sqrt(probs * (1 - probs)))
+
+    def hessian_sqrt_blocks(self, output, target):
+        probs = _positions(jax.nn.sigmoid(output))
+        return _diagonal_blocks(jnp.sqrt(probs * (1 - probs)))
 
     def prepare_targets(self, targets, outputs):
         name = "binary_cross_entropy"

@@ -104,11 +104,19 @@ def cnn_block_index(index):
 
 
 def reference_kfac(
-    tapped, params, data, exact, layers, weight_matrices=None, weight_sharing="expand"
+    tapped,
+    params,
+    data,
+    exact,
+    layers,
+    weight_matrices=None,
+    weight_sharing="expand",
+    merge_positions=False,
 ):
     """The dense KFAC matrix, per datum and per layer, as in the module docstring;
     for `weight_sharing="reduce"`, `a` averaged and `g` summed over `r` first and
-    `A` divided by `N` only."""
+    `A` divided by `N` only. `merge_positions`: the GGN's block-diagonal root of
+    outputs `(T, C)` with its `T` column groups summed (`K = C`)."""
     inputs, targets = data
     flat, unravel = ravel_pytree(params)
     index = jax.tree_util.tree_map(
@@ -121,6 +129,8 @@ def reference_kfac(
     n = jax.tree_util.tree_leaves(inputs)[0].shape[0]
     outputs = jax.vmap(lambda x: tapped(x, params, zeros)[0])(inputs)
     b = exact._likelihood_factors(outputs, targets, jnp.arange(n))
+    if merge_positions:
+        b = b.reshape(*b.shape[:2], -1, outputs.shape[-1]).sum(2)
     rows = [shape[0] for shape in tap_shapes]
 
     def one_datum(x, b_n):  # b_n (O, K)
@@ -260,6 +270,7 @@ def test_weight_sharing_matches_its_definition(kind, weight_sharing):
         exact,
         layers,
         weight_sharing=weight_sharing,
+        merge_positions=kind == "ggn",
     )
     np.testing.assert_allclose(op.as_matrix(), expected, rtol=1e-10, atol=1e-12)
     assert f"x 5 at {T} positions" in repr(op)

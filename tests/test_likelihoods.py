@@ -276,6 +276,7 @@ def structured_methods(likelihood, output, target, tangent):
         "hessian": jax.hessian(likelihood.loss)(output, target).reshape(24, 24),
         "hessian_mv": likelihood.hessian_mv(output, target, tangent).reshape(-1),
         "root": likelihood.hessian_sqrt(output, target),
+        "blocks": likelihood.hessian_sqrt_blocks(output, target),
         "draw": likelihood.sample(jax.random.key(0), output),
     }
 
@@ -299,6 +300,10 @@ def test_structured_output_sums_over_positions(name):
         got["hessian_mv"], hessian @ tangent.reshape(-1), atol=1e-12
     )
     np.testing.assert_allclose(got["root"] @ got["root"].T, hessian, atol=1e-12)
+    assert got["blocks"].shape == (6, 4, 4)  # one root per position
+    np.testing.assert_array_equal(
+        jax.scipy.linalg.block_diag(*got["blocks"]), got["root"]
+    )
     blocks = np.kron(np.eye(6), np.ones((4, 4)))  # one (C, C) block per position
     np.testing.assert_array_equal(hessian * (1 - blocks), 0)
     labels = isinstance(likelihood, fo.CrossEntropy)
