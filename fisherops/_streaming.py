@@ -22,7 +22,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree, UInt
 
-from ._checks import Data, _check_count, _check_vector, _split_data
+from ._checks import Data, _check_count, _check_vector, _owned, _split_data
 from ._operators import AbstractCurvatureOperator, MCFisherOperator
 from ._queries import register_symmetric_psd
 
@@ -236,7 +236,7 @@ class _Source:
         _, data, signature = self.template(0, first)
         self.first = signature
         self.first_shapes = _shapes(data, "n")
-        fingerprint = np.asarray(_recorded(data)[0])
+        fingerprint = np.asarray(_recorded(_owned(data))[0])
         # (signature, fingerprints) of each batch of the first pass; until that
         # pass is complete, of the batch read here.
         self.expected = [(signature, fingerprint)]
@@ -310,7 +310,12 @@ class _Source:
         total, count, read = None, 0, []
         for position, batch in enumerate(self.batches(progress)):
             template, data, signature = self.template(position, batch)
-            total, record = template.accumulate(method, data, count, args, total)
+            # A copy of numpy arrays: `jit` would read them in place, later (the
+            # program runs asynchronously), after a loader that reuses its
+            # buffers has filled them with the next batch.
+            total, record = template.accumulate(
+                method, _owned(data), count, args, total
+            )
             read.append((signature, template.operator.num_data, record))
             count += template.operator.num_data
         self.check_pass(read)
