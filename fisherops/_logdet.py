@@ -12,6 +12,18 @@ precision `Λ = diag(d)`, `d > 0`.
 - A `fisherops.KFACOperator` uses its exact Kronecker log-determinant whenever
   the prior is constant within its blocks (scalar and layerwise priors).
 
+Resolution. A decomposition in a dtype with unit roundoff `eps` knows each
+eigenvalue `θ_i` of the matrix it factorises (`C + Λ`, or `I + Λ^{-1/2} C
+Λ^{-1/2}`) only to about `eps θ_max` (the curvature's own rounding is of the
+same size), so `log θ_i` to `eps θ_max / θ_i`, and the log-determinant to
+`eps θ_max sum_i 1 / θ_i` (`_rounding_error`). Where that exceeds one nat (a
+prior precision below the rounding level of the curvature: float32 with a
+small `λ`, or any dtype with `λ = 1e-30`) the number is meaningless, and every
+method says so (an error naming the fix: float64, or a larger prior precision)
+instead of returning it. The estimate comes from the factorisation itself:
+Cholesky pivots `L_ii^2` against `max_i P_ii`, the eigenvalues `θ`, or SLQ's
+Ritz values and its solves `M^{-1} v`.
+
 Every method is differentiable in `d` and in the curvature's arrays: the dense
 ones exactly (`d log det P = tr(P^{-1} dP)` from the same factorisation), SLQ
 by the same probes' estimate of `tr(P^{-1} dP)`.
@@ -78,27 +90,63 @@ def _stop_gradient(tree: PyTree) -> PyTree:
 # Dense: Cholesky or eigendecomposition, with the exact derivative.
 # --------------------------------------------------------------------------- #
 
+# The largest estimated rounding error (nats) of a log-determinant returned.
+_MAX_ROUNDING_ERROR = 1.0
+
+
+def _rounding_error(largest: Scalar, inverse_trace: Scalar) -> Scalar:
+    """`eps θ_max sum_i 1 / θ_i`: the rounding error of `sum_i log θ_i` (nats) when
+    each `θ_i` is known to `eps θ_max` (see the module docstring)."""
+    return jnp.finfo(largest.dtype).eps * largest * inverse_trace
+
+
+def _cholesky_rounding_error(factor: Float[Array, "P P"]) -> Scalar:
+    """`_rounding_error` of `2 sum log L_ii` from the Cholesky factor `L` alone:
+    pivots `L_ii^2` each known to `eps max_j P_jj`, `P_jj = |L_j|^2`."""
+    largest = jnp.max(jnp.sum(factor**2, axis=1))
+    return _rounding_error(largest, jnp.sum(1 / jnp.diagonal(factor) ** 2))
+
+
+def _resolved(value: Scalar, rounding_error: Scalar) -> Scalar:
+    """`value`, or an error where its estimated rounding error exceeds a nat or
+    is not finite (an overflow on the way)."""
+    name = jnp.dtype(value.dtype).name
+    return eqx.error_if(
+        value,
+        ~(rounding_error <= _MAX_ROUNDING_ERROR),  # NaN: overflow, unresolved
+        f"log det(C + Λ) is not resolved in {name}: the prior precision is below "
+        f"the rounding level of the curvature (eigenvalues of I + Λ^(-1/2) C "
+        f"Λ^(-1/2) near 1/eps of {name}; estimated rounding error above "
+        f"{_MAX_ROUNDING_ERROR:g} nat), so the log-determinant and the evidence "
+        "would be wrong numbers. Use float64 (jax.config.update('jax_enable_x64', "
+        "True) with float64 params and data) or a larger prior precision.",
+    )
+
+
 _NOT_POSITIVE_DEFINITE = (
     "log det(C + Λ) by Cholesky: C + Λ is not positive definite in this "
-    "precision (float32 with a small prior precision?); use "
-    "logdet_method='eigh' (or 'auto'), which stays finite for every Λ > 0."
+    "precision (a prior precision near the rounding level of the curvature, e.g. "
+    "float32 with a small one). Use float64 or a larger prior precision; "
+    "logdet_method='eigh' (or 'auto') also works where the Cholesky breaks down "
+    "but the log-determinant is still resolved (it raises where it is not)."
 )
 
 
 def _cholesky_logdet(
     matrix: Float[Array, "P P"], diagonal: Float[Array, " P"], inverse: bool
-) -> tuple[Scalar, Float[Array, "P P"] | None]:
+) -> tuple[Scalar, Scalar, Float[Array, "P P"] | None]:
     factor = _linalg.cholesky(matrix + jnp.diag(diagonal))
     value = 2 * jnp.sum(jnp.log(jnp.diagonal(factor)))
+    error = _cholesky_rounding_error(factor)
     if not inverse:
-        return value, None
+        return value, error, None
     identity = jnp.eye(diagonal.size, dtype=diagonal.dtype)
-    return value, _linalg.cho_solve(factor, identity)
+    return value, error, _linalg.cho_solve(factor, identity)
 
 
 def _eigh_logdet(
     matrix: Float[Array, "P P"], diagonal: Float[Array, " P"], inverse: bool
-) -> tuple[Scalar, Float[Array, "P P"] | None]:
+) -> tuple[Scalar, Scalar, Float[Array, "P P"] | None]:
     """`log det(C + D) = sum log d + sum log θ`, `θ` the eigenvalues of
     `M = I + D^{-1/2} C D^{-1/2}`, clipped at 1; `P^{-1} = D^{-1/2} M^{-1} D^{-1/2}`."""
     scale = lax.rsqrt(diagonal)
@@ -108,10 +156,11 @@ def _eigh_logdet(
     )
     theta = jnp.maximum(theta, 1)
     value = jnp.sum(jnp.log(diagonal)) + jnp.sum(jnp.log(theta))
+    error = _rounding_error(jnp.max(theta), jnp.sum(1 / theta))
     if not inverse:
-        return value, None
+        return value, error, None
     half = scale[:, None] * vectors * lax.rsqrt(theta)[None, :]
-    return value, half @ half.T
+    return value, error, half @ half.T
 
 
 def _factorised(
@@ -119,8 +168,9 @@ def _factorised(
     diagonal: Float[Array, " P"],
     method: str,
     inverse: bool,
-) -> tuple[Scalar, Float[Array, "P P"] | None]:
-    """`log det(matrix + diag(diagonal))` and, if asked, the inverse of the sum.
+) -> tuple[Scalar, Scalar, Float[Array, "P P"] | None]:
+    """`log det(matrix + diag(diagonal))`, its estimated rounding error and, if
+    asked, the inverse of the sum.
 
     Under a `vmap` (over prior precisions, say) it runs one matrix after another
     (`_linalg.unbatched`): the Cholesky-else-`eigh` choice of `"auto"` stays a
@@ -131,39 +181,41 @@ def _factorised(
     def one(matrix, diagonal):
         if method == "eigh":
             return _eigh_logdet(matrix, diagonal, inverse)
-        value, inv = _cholesky_logdet(matrix, diagonal, inverse)
+        cholesky = _cholesky_logdet(matrix, diagonal, inverse)
         if method == "dense":
-            return value, inv
+            return cholesky
         # "auto": the Cholesky unless it broke down.
         return lax.cond(
-            jnp.isfinite(value),
-            lambda: (value, inv),
+            jnp.isfinite(cholesky[0]),
+            lambda: cholesky,
             lambda: _eigh_logdet(matrix, diagonal, inverse),
         )
 
-    value, inv = _linalg.unbatched(one)(matrix, diagonal)
+    value, error, inv = _linalg.unbatched(one)(matrix, diagonal)
     if method == "dense":
         value = eqx.error_if(value, ~jnp.isfinite(value), _NOT_POSITIVE_DEFINITE)
-    return value, inv
+    return value, error, inv
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _dense_logdet(
     matrix: Float[Array, "P P"], diagonal: Float[Array, " P"], method: str
-) -> Scalar:
-    """`log det(C + diag(d))`; its derivative `tr(P^{-1} dC) + diag(P^{-1}) . dd`
-    comes from the same factorisation, so it is finite wherever the value is."""
-    return _factorised(matrix, diagonal, method, inverse=False)[0]
+) -> tuple[Scalar, Scalar]:
+    """`log det(C + diag(d))` and its estimated rounding error; the derivative
+    `tr(P^{-1} dC) + diag(P^{-1}) . dd` comes from the same factorisation, so it
+    is finite wherever the value is (the error estimate carries none)."""
+    return _factorised(matrix, diagonal, method, inverse=False)[:2]
 
 
 @_dense_logdet.defjvp
 def _dense_logdet_jvp(method, primals, tangents):
     matrix, diagonal = primals
     matrix_tangent, diagonal_tangent = tangents
-    value, inverse = _factorised(matrix, diagonal, method, inverse=True)
-    return value, (
+    value, error, inverse = _factorised(matrix, diagonal, method, inverse=True)
+    tangent = (
         jnp.sum(inverse * matrix_tangent) + jnp.diagonal(inverse) @ diagonal_tangent
     )
+    return (value, error), (tangent, jnp.zeros_like(error))
 
 
 # --------------------------------------------------------------------------- #
@@ -181,8 +233,9 @@ def _slq_logdet(
     key: PRNGKeyArray,
     num_probes: int,
     num_steps: int,
-) -> Scalar:
-    r"""`log det(C + D)` by stochastic Lanczos quadrature, `D = diag(d) > 0`.
+) -> tuple[Scalar, Scalar]:
+    r"""`log det(C + D)` by stochastic Lanczos quadrature, `D = diag(d) > 0`, and
+    its estimated rounding error.
 
     With `M = I + D^{-1/2} C D^{-1/2}` (eigenvalues >= 1),
     `log det(C + D) = sum_i log d_i + tr log M`; for each Rademacher probe `v`,
@@ -197,6 +250,9 @@ def _slq_logdet(
     `diag(P^{-1}) ≈ mean y * v / d`. The value is the estimate; the gradient is
     that of the estimator `mean_v (D^{-1/2} y)^T C (D^{-1/2} v)` in the
     curvature's arrays (one extra `mv` per probe) plus the diagonal term.
+
+    Rounding: `_rounding_error` with the largest Ritz value of all probes and
+    the probes' estimate `mean v^T y` of `tr M^{-1}`.
     """
     size = diagonal.size
     fixed_diagonal = lax.stop_gradient(diagonal)
@@ -208,7 +264,7 @@ def _slq_logdet(
         return v + scale * fixed_mv(scale * v)
 
     def one_probe(carry, index):
-        log_forms, inverse_diagonal, coupling = carry
+        log_forms, inverse_diagonal, coupling, largest = carry
         probe = _probe(key, index, size, diagonal.dtype)
         basis, alphas, betas = _lanczos(preconditioned_mv, probe, num_steps)
         theta, vectors = _tridiagonal_eigh(alphas, betas)
@@ -223,20 +279,28 @@ def _slq_logdet(
             log_forms + log_form,
             inverse_diagonal + solution * probe,
             coupling,
+            jnp.maximum(largest, jnp.max(theta)),
         ), None
 
     zero = jnp.zeros((), diagonal.dtype)
-    (log_forms, inverse_diagonal, coupling), _ = lax.scan(
-        one_probe, (zero, jnp.zeros_like(diagonal), zero), jnp.arange(num_probes)
+    (log_forms, inverse_diagonal, coupling, largest), _ = lax.scan(
+        one_probe,
+        (zero, jnp.zeros_like(diagonal), zero, zero),
+        jnp.arange(num_probes),
     )
     estimate = jnp.sum(jnp.log(fixed_diagonal)) + log_forms / num_probes
+    # Lanczos's norms square the vectors `M q`: beyond `sqrt(max float)` they
+    # overflowed (a false breakdown, one node holding the probe's whole weight).
+    largest = jnp.where(jnp.isfinite(largest**2), largest, jnp.inf)
+    error = _rounding_error(largest, jnp.sum(inverse_diagonal) / num_probes)
     inverse_diagonal = lax.stop_gradient(inverse_diagonal / num_probes / fixed_diagonal)
     coupling = coupling / num_probes
-    return (
+    value = (
         lax.stop_gradient(estimate)
         + (coupling - lax.stop_gradient(coupling))
         + (diagonal - fixed_diagonal) @ inverse_diagonal
     )
+    return value, lax.stop_gradient(error)
 
 
 @eqx.filter_jit
@@ -287,7 +351,7 @@ class _MatrixLogdet(eqx.Module):
     method: str = eqx.field(static=True)
 
     def __call__(self, precisions: Float[Array, " G"]) -> Scalar:
-        return _dense_logdet(self.matrix, precisions[self.groups], self.method)
+        return _dense_logdet(self.matrix, precisions[self.groups], self.method)[0]
 
 
 class _SLQLogdet(eqx.Module):
@@ -306,7 +370,7 @@ class _SLQLogdet(eqx.Module):
             self.key,
             self.num_probes,
             self.num_steps,
-        )
+        )[0]
 
 
 class _KFACLogdet(eqx.Module):
@@ -379,10 +443,12 @@ def _logdet(
     if exact_kfac:
         return curvature.logdet(prior_precision)
     if method == "slq":
-        return _slq_logdet(
+        value, error = _slq_logdet(
             lx.linearise(curvature), diagonal, key, num_probes, num_steps
         )
-    return _dense_logdet(curvature.as_matrix(), diagonal, method)
+    else:
+        value, error = _dense_logdet(curvature.as_matrix(), diagonal, method)
+    return _resolved(value, error)
 
 
 def logdet(

@@ -164,38 +164,48 @@ def test_slq_memory_does_not_grow_with_the_probes():
     assert_close(value, np.sum(np.log(np.asarray(diagonal) + 1)), rtol=1e-10)
 
 
-def test_float32_small_prior_is_finite_or_a_clear_error():
-    """float32, a rank-deficient curvature scaled like a large data set, a small
-    prior precision: the Cholesky of `C + λ I` breaks down; "dense" says so,
-    "eigh" and "auto" stay finite and close to the float64 value."""
-    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), PARAMS)
-    data = (INPUTS[:5].astype(jnp.float32), TARGETS[:5])
-    curvature = fo.GGNOperator(mlp, params, data, LOSS, num_total_samples=60_000)
+def test_a_prior_below_the_rounding_level_is_a_clear_error():
+    """Issue 19.6: float32, a rank-deficient curvature scaled like a large data
+    set. Where `λ` is above the rounding level `eps |C|` every method gives the
+    float64 value; below it (float32 with `λ = 1e-4` here, and float64 with
+    `λ = 1e-30`) no method returns a number (the eigh route and SLQ used to
+    return finite wrong ones, SLQ even with the wrong sign): an error names the
+    fix. "dense" still says when the Cholesky breaks down."""
+    data = (INPUTS[:5], TARGETS[:5])
     matrix = np.asarray(
-        fo.GGNOperator(
-            mlp, PARAMS, (INPUTS[:5], TARGETS[:5]), LOSS, num_total_samples=60_000
-        ).as_matrix()
+        fo.GGNOperator(mlp, PARAMS, data, LOSS, num_total_samples=60_000).as_matrix()
     )
-    eigenvalues = np.linalg.eigvalsh(matrix)
-    eps = np.finfo(np.float32).eps
-    for precision in (1e-4, 1.0):
-        prior = fo.PriorPrecision(params, jnp.float32(precision))
-        exact = np.sum(np.log(np.maximum(eigenvalues, 0) + precision))
-        for method in ("eigh", "auto"):
-            value = logdet(curvature, prior, logdet_method=method)
-            assert np.isfinite(value)
-            # Rounding moves every eigenvalue by O(eps |C|): the float32 value is
-            # accurate where λ is larger than that, finite everywhere.
-            if precision > 1e3 * eps * eigenvalues[-1]:
-                assert abs(value - exact) < 1e3 * eps * abs(exact) + NUM_PARAMS * 1e-3
-    with pytest.raises(Exception, match="not positive definite.*eigh"):
-        jax.block_until_ready(
-            logdet(
-                curvature,
-                fo.PriorPrecision(params, jnp.float32(1e-4)),
-                logdet_method="dense",
+    eigenvalues = np.maximum(np.linalg.eigvalsh(matrix), 0)
+    slq = dict(key=KEY, num_probes=4, num_lanczos_steps=NUM_PARAMS)
+    unresolved = "not resolved in float.*float64.*larger prior precision"
+    with jax.enable_x64(False):
+        params = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), PARAMS)
+        data32 = (data[0].astype(jnp.float32), data[1])
+        curvature = fo.GGNOperator(mlp, params, data32, LOSS, num_total_samples=60_000)
+        resolved = fo.PriorPrecision(params, jnp.float32(1.0))
+        exact = np.sum(np.log(eigenvalues + 1.0))
+        for method in ("dense", "eigh", "auto"):
+            value = logdet(curvature, resolved, logdet_method=method)
+            assert abs(float(value) - exact) < 1e-3 * abs(exact)
+        small = fo.PriorPrecision(params, jnp.float32(1e-4))
+        for method in ("eigh", "auto", "slq"):
+            with pytest.raises(Exception, match=unresolved):
+                jax.block_until_ready(
+                    logdet(curvature, small, logdet_method=method, **slq)
+                )
+        with pytest.raises(Exception, match="not positive definite.*eigh"):
+            jax.block_until_ready(logdet(curvature, small, logdet_method="dense"))
+    curvature = fo.GGNOperator(mlp, PARAMS, data, LOSS, num_total_samples=60_000)
+    for method in ("eigh", "auto", "slq"):
+        with pytest.raises(Exception, match=unresolved):
+            jax.block_until_ready(
+                logdet(
+                    curvature,
+                    fo.PriorPrecision(PARAMS, 1e-30),
+                    logdet_method=method,
+                    **slq,
+                )
             )
-        )
 
 
 def test_bad_input_is_a_clear_error():
