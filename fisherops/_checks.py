@@ -177,6 +177,46 @@ def _check_params(params: PyTree) -> PyTree:
     return params
 
 
+def _is_number_list(tree) -> bool:
+    """A (nested) list or tuple of numbers, e.g. `[[0.1, 2], [3, 4]]`."""
+    if isinstance(tree, list | tuple):
+        return len(tree) > 0 and all(_is_number_list(item) for item in tree)
+    return isinstance(tree, int | float | np.number) and not isinstance(tree, bool)
+
+
+def _data_arrays(name: str, tree: PyTree) -> PyTree:
+    """Data as a pytree of arrays: a (nested) list of numbers is one array, and an
+    object that only defines `__array__` becomes that array."""
+    if _is_number_list(tree):
+        return np.asarray(tree)
+
+    def one(path, leaf):
+        if eqx.is_array_like(leaf):
+            return leaf
+        if hasattr(leaf, "__array__"):
+            return np.asarray(leaf)
+        raise TypeError(
+            f"{name}{jtu.keystr(path)} must be an array (or something np.asarray "
+            f"accepts: a nested list of numbers, an object with __array__); got "
+            f"{type(leaf).__name__}."
+        )
+
+    return jtu.tree_map_with_path(one, tree)
+
+
+def _check_output(outputs: PyTree, vmap_over_data: bool) -> None:
+    """`model_fn` returns one array (per datum, or per batch), not a pytree."""
+    if isinstance(outputs, jax.ShapeDtypeStruct):
+        return
+    what = "per datum" if vmap_over_data else "for the batch (axis 0: data points)"
+    raise TypeError(
+        f"model_fn must return one array {what}: the network's output that the "
+        f"loss reads; got a {type(outputs).__name__} "
+        f"{jtu.tree_map(lambda s: s.shape, outputs)}. Return the one output, e.g. "
+        "lambda x, p: model_fn(x, p)[0] for a model returning (logits, extras)."
+    )
+
+
 def _split_data(data: Data, name: str = "data") -> tuple[PyTree, PyTree]:
     """`(inputs, targets)` from `{"input": X, "target": Y}` or `(X, Y)`."""
     if isinstance(data, dict) and set(data) >= {"input", "target"}:
@@ -305,9 +345,12 @@ def _setup(
     if not isinstance(vmap_over_data, bool):
         raise TypeError(f"vmap_over_data must be a bool; got {vmap_over_data!r}.")
     params = _check_params(params)
-    inputs, targets = _owned(_split_data(data))
+    inputs, targets = _split_data(data)
+    inputs = _owned(_data_arrays("data input", inputs))
+    targets = _owned(_data_arrays("data target", targets))
     if not vmap_over_data:
         outputs = jax.eval_shape(model_fn, inputs, params)
+        _check_output(outputs, False)
         if not _core.is_batch(inputs, targets, outputs):  # one unbatched datum
             add_axis = ft.partial(jtu.tree_map, lambda leaf: jnp.asarray(leaf)[None])
             inputs, targets = add_axis(inputs), add_axis(targets)
@@ -331,6 +374,8 @@ def _setup(
         model_fn = _converted("model_fn", model_fn, True, _datum(inputs), params)
     else:
         model_fn = _converted("model_fn", model_fn, False, inputs, params)
+    if vmap_over_data:
+        _check_output(jax.eval_shape(model_fn, _datum(inputs), params), True)
     outputs = jax.eval_shape(
         _core.batched_model(model_fn, vmap_over_data), inputs, params
     )
@@ -356,7 +401,20 @@ def _setup(
     num_curv = num_data if num_curv_samples is None else num_curv_samples
     num_total = num_curv if num_total_samples is None else num_total_samples
     dtype = _core.scale_dtype(params)
-    scale = jnp.asarray(num_total, dtype) / jnp.asarray(num_curv, dtype)
+    if isinstance(num_total, jax.core.Tracer) or isinstance(num_curv, jax.core.Tracer):
+        scale = jnp.asarray(num_total, dtype) / jnp.asarray(num_curv, dtype)
+    else:
+        with np.errstate(over="ignore", under="ignore"):
+            ratio = np.asarray(float(num_total) / float(num_curv), dtype)
+        scale = jnp.asarray(ratio)
+        if not (np.isfinite(ratio) and ratio > 0):
+            raise ValueError(
+                f"num_total_samples / num_curv_samples = {num_total!r} / "
+                f"{num_curv!r} is {float(ratio)!r} in {jnp.dtype(dtype).name} (the "
+                "params' dtype, at least float32): the scale of the curvature must "
+                "be positive and finite in that dtype. Use counts whose ratio it "
+                "can represent (or float64 params)."
+            )
     return _Setup(
         model_fn,
         params,

@@ -194,6 +194,48 @@ def test_numpy_data_is_copied():
     jax.tree.map(np.testing.assert_array_equal, after, before)
 
 
+class ArrayLike:
+    """An object that only defines `__array__` (a dataset wrapper)."""
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array if dtype is None else self.array.astype(dtype)
+
+
+def test_lists_and_array_likes_are_data():
+    """Issue 19.7: nested lists of numbers and objects with only `__array__` are
+    arrays (were "leading sizes ['None']" and "Cannot determine dtype"); anything
+    else names the argument."""
+    inputs, targets = (np.asarray(a) for a in make_data("vector"))
+    vector = random_vector(PARAMS)
+    expected = build("ggn", (inputs, targets), "mse").mv(vector)
+    for data in (
+        (inputs.tolist(), targets.tolist()),
+        (ArrayLike(inputs), ArrayLike(targets)),
+    ):
+        got = build("ggn", data, "mse").mv(vector)
+        jax.tree.map(np.testing.assert_array_equal, got, expected)
+    with raises("data target must be an array (or something np.asarray", TypeError):
+        build("ggn", (inputs, "targets"), "mse")
+
+
+@pytest.mark.parametrize("vmap_over_data", [True, False], ids=["vmap", "batched"])
+@pytest.mark.parametrize("extra", [lambda y: (y, 1.0), lambda y: {"logits": y}])
+def test_model_fn_returning_a_pytree(vmap_over_data, extra):
+    """Issue 19.7: a `model_fn` returning a tuple or dict (was `AttributeError:
+    'tuple' object has no attribute 'ndim'`)."""
+    with raises("model_fn must return one array", TypeError):
+        build(
+            "ggn",
+            make_data("vector"),
+            "mse",
+            model_fn=lambda x, p: extra(mlp(x, p)),
+            vmap_over_data=vmap_over_data,
+        )
+
+
 # ---------------------------------------------------------------------------
 # targets
 # ---------------------------------------------------------------------------
@@ -368,6 +410,15 @@ def test_cross_entropy_labels_without_the_position_axes():
 def test_num_total_samples(value, expected):
     with raises(expected):
         build("ggn", make_data("vector"), "mse", num_total_samples=value)
+
+
+@pytest.mark.parametrize("value", [1e300, 1e-300])
+def test_scale_must_be_finite_and_positive_in_the_params_dtype(value):
+    """Issue 19.7: with float32 params `1e300 / N` was `inf` and `1e-300 / N`
+    was 0, silently."""
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), PARAMS)
+    with raises("num_total_samples / num_curv_samples = "):
+        build("ggn", make_data("vector"), "mse", params, num_total_samples=value)
 
 
 @pytest.mark.parametrize(
