@@ -104,3 +104,40 @@ def test_streamed_operator_round_trips():
     np.testing.assert_array_equal(
         products(pickle.loads(pickle.dumps(original))), expected
     )
+
+
+def posterior(kind, params, key, prior_precision):
+    """A fitted posterior: dense (factorised), KFAC or matrix-free (CG), each on a
+    Monte-Carlo curvature (a key to save)."""
+    if kind == "kfac":
+        curvature = fo.KFACOperator(
+            mlp, params, DATA, "cross_entropy", kind="mc", key=key
+        )
+    else:
+        curvature = fo.MCFisherOperator(mlp, params, DATA, "cross_entropy", key)
+        if kind == "dense":
+            curvature = lx.materialise(curvature)
+    fitted = fo.LaplacePosterior(curvature, prior_precision)
+    return fitted.factorise() if kind == "dense" else fitted
+
+
+def samples(fitted):
+    draws = fitted.sample(jax.random.key(5), 3)
+    return np.asarray(jax.vmap(lambda tree: ravel_pytree(tree)[0])(draws))
+
+
+@pytest.mark.parametrize("kind", ["dense", "kfac", "cg"])
+def test_posteriors_round_trip(kind):
+    """Into a skeleton from `eqx.filter_eval_shape` (shapes only, as
+    docs/saving.md does) with other params, key and prior: the same samples."""
+    original = posterior(kind, init_params(0), jax.random.key(0), 2.0)
+    expected = samples(original)
+    skeleton = eqx.filter_eval_shape(
+        posterior, kind, init_params(1), jax.random.key(1), 1.0
+    )
+    np.testing.assert_array_equal(
+        samples(saved_and_loaded(original, skeleton)), expected
+    )
+    np.testing.assert_array_equal(
+        samples(pickle.loads(pickle.dumps(original))), expected
+    )
