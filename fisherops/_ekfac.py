@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Real
 
 from . import _core, _layers
+from ._checks import _check_method
 from ._kfac import (
     _HIGHEST,
     Kind,
@@ -68,10 +69,16 @@ def _projected_second_moment(
 
 
 @eqx.filter_jit
-def _build(curvature, structure: _layers.Structure, single: _PerDatum):
-    """The eigenbases `(U, Q)`, the corrected eigenvalues `E` (without `scale`) and
-    the other params' squared gradients: two passes over the data."""
-    inputs, gradients, others = _factors(curvature, structure, single)
+def _build(
+    curvature, structure: _layers.Structure, single: _PerDatum, weight_sharing: str
+):
+    """The eigenbases `(U, Q)` (KFAC's, `weight_sharing` as there), the corrected
+    eigenvalues `E` (without `scale`; from the exact `B_n`, whatever KFAC's
+    convention) and the other params' squared gradients: two passes over the
+    data."""
+    inputs, gradients, others = _factors(
+        curvature, structure, single, weight_sharing, merge_positions=True
+    )
     bases = tuple(
         (_eigh(a)[1], _eigh(g)[1]) for a, g in zip(inputs, gradients, strict=True)
     )
@@ -116,7 +123,8 @@ class EKFACOperator(_AbstractKronecker):
     **Arguments:** those of [`fisherops.KFACOperator`][]: `model_fn`, `params`,
     `data`, `loss_fn`, `kind` (`"ggn"`, `"mc"`, `"ef"`), `key`, `mc_samples`,
     `num_curv_samples`, `num_total_samples`, `vmap_over_data`, `chunk_size`,
-    `other`, `layers`.
+    `other`, `layers`, `weight_sharing` (which KFAC eigenbasis; `E` is the exact
+    second moment in it either way).
 
     `inverse`, `logdet` and `inverse_sqrt_mv` of `K + Λ` are exact for a prior
     that is one scalar per layer weight and bias (`is_exact`), as KFAC's, so
@@ -131,6 +139,7 @@ class EKFACOperator(_AbstractKronecker):
     eigenvalues: tuple[Float[Array, "Di Do"], ...]
     other_diagonals: tuple[Float[Array, "..."], ...]
     kind: str = eqx.field(static=True)
+    weight_sharing: str = eqx.field(static=True)
     num_data: int = eqx.field(static=True)
     vmap_over_data: bool = eqx.field(static=True)
     structure: _layers.Structure = eqx.field(static=True)
@@ -151,7 +160,9 @@ class EKFACOperator(_AbstractKronecker):
         chunk_size: int | None = None,
         other: Literal["diagonal", "error"] = "diagonal",
         layers: PyTree[Hashable | None] | None = None,
+        weight_sharing: Literal["expand", "reduce"] = "expand",
     ):
+        _check_method("weight_sharing", weight_sharing, ("expand", "reduce"))
         curvature, structure, single = _setup(
             model_fn,
             params,
@@ -167,7 +178,9 @@ class EKFACOperator(_AbstractKronecker):
             vmap_over_data=vmap_over_data,
             chunk_size=chunk_size,
         )
-        bases, eigenvalues, others = _build(curvature, structure, single)
+        bases, eigenvalues, others = _build(
+            curvature, structure, single, weight_sharing
+        )
         self.model_fn = curvature.model_fn
         self.params = curvature.params
         self.scale = curvature.scale
@@ -176,12 +189,13 @@ class EKFACOperator(_AbstractKronecker):
         self.eigenvalues = eigenvalues
         self.other_diagonals = others
         self.kind = kind
+        self.weight_sharing = weight_sharing
         self.num_data = curvature.num_data
         self.vmap_over_data = vmap_over_data
         self.structure = structure
 
     def __repr__(self) -> str:
-        return _repr(self)
+        return _repr(self, weight_sharing=repr(self.weight_sharing))
 
     def _block_mv(self, index: int, block: Array) -> Array:
         (u, q), values = self.bases[index], self.eigenvalues[index]
